@@ -1,0 +1,96 @@
+"""Run the GPU proof on a CUDA machine: cold and warm builds timed, then `pytest -m gpu`; write a summary.
+
+    PYTHONPATH=. python experiments/gpu_suite.py --out DIR [--pytest-args "-k segment"]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+BUILD = ("import sys, time; from fusionsearch.config import LayerConfig; from fusionsearch.runtime import KernelLibrary;"
+         "t = time.perf_counter(); lib = KernelLibrary.get(LayerConfig(dtype=sys.argv[1]));"
+         "print(f'{time.perf_counter() - t:.2f} {len(lib.spec.units)}')")
+
+
+def timed_build(dtype: str, cache: str) -> tuple[float, int]:
+    """Build or load every segment of BERT-base for dtype in a fresh process; seconds and kernel count."""
+    env = dict(os.environ, FUSIONSEARCH_CACHE_DIR=cache)
+    result = subprocess.run([sys.executable, "-c", BUILD, dtype], env=env, capture_output=True, text=True)
+    if result.returncode:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"building the {dtype} library failed")
+    seconds, count = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), int(count)
+
+
+def device_facts() -> dict:
+    import torch
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count,
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
+            "cpus": os.cpu_count()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--pytest-args", default="")
+    parser.add_argument("--skip-builds", action="store_true", help="do not time cold/warm builds")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    facts = device_facts()
+    cache = tempfile.mkdtemp(prefix="fs-cache-")
+    builds = {}
+    if not args.skip_builds:
+        for dtype in ("fp16", "bf16"):
+            cold, count = timed_build(dtype, cache)
+            warm, _ = timed_build(dtype, cache)
+            builds[dtype] = {"kernels": count, "cold_s": cold, "warm_load_s": warm}
+            print(f"{dtype}: {count} kernels, cold build {cold:.1f} s, warm load {warm:.2f} s", flush=True)
+    junit = args.out / "gpu-junit.xml"
+    env = dict(os.environ, FUSIONSEARCH_GPU_TEST_CACHE=cache, FUSIONSEARCH_GPU_SUMMARY=str(args.out / "session.json"))
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "--durations=0", f"--junitxml={junit}",
+               *shlex.split(args.pytest_args)]
+    start = time.perf_counter()
+    code = subprocess.call(command, env=env)
+    wall = time.perf_counter() - start
+    cases = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                status = tag
+        cases.append({"name": case.get("name"), "time_s": float(case.get("time", 0)), "status": status})
+    summary = {"date": dt.date.today().isoformat(), "device": facts, "builds": builds, "pytest_exit": code,
+               "pytest_wall_s": wall, "tests": cases}
+    (args.out / "gpu-suite.json").write_text(json.dumps(summary, indent=1))
+    counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
+    lines = [f"# GPU test suite, {summary['date']}", "",
+             f"Device: {facts['gpu']} (sm {facts['capability']}, {facts['sm_count']} SMs), torch {facts['torch']}, "
+             f"CUDA {facts['cuda']}, {facts['nvcc']}, {facts['cpus']} CPU cores.", "",
+             "Command: `PYTHONPATH=. python experiments/gpu_suite.py --out $OUT`"
+             + (f" with `--pytest-args {args.pytest_args!r}`" if args.pytest_args else ""), ""]
+    if builds:
+        lines += ["| library (BERT-base dims) | kernels | cold build s | warm load s |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['kernels']} | {v['cold_s']:.1f} | {v['warm_load_s']:.2f} |" for k, v in builds.items()]
+        lines.append("")
+    lines += [f"pytest -m gpu: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
+              f"{counts['skipped']} skipped in {wall:.0f} s (exit {code}).", "", "| test | status | s |", "|---|---|---|"]
+    lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
+    (args.out / f"gpu-tests-{summary['date']}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

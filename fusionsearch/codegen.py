@@ -1,0 +1,83 @@
+"""Segment → CUDA source: render the Jinja templates into one translation unit per segment kernel."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+
+import jinja2
+
+from . import __version__
+from .config import LayerConfig
+from .plan import Segment
+from .resources import templates_dir
+from .schedule import stages_of
+
+CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
+# Parameters and inputs, in the order the binding receives them; then every operator output.
+INPUT_TENSORS = ("key_bias", "x", "w_qkv", "b_qkv", "w_o", "b_o", "ln1_w", "ln1_b",
+                 "w_ffn1", "b_ffn1", "w_ffn2", "b_ffn2", "ln2_w", "ln2_b")
+OUTPUT_TENSORS = ("qkv", "qkv_heads", "scores", "scores_masked", "probs", "ctx_heads", "ctx", "attn_proj",
+                  "attn_res", "attn_out", "ffn_pre", "ffn_act", "ffn_out", "ffn_res", "out")
+LAYER_TENSORS = INPUT_TENSORS + OUTPUT_TENSORS
+
+
+@dataclass(frozen=True)
+class GeneratedUnit:
+    """One rendered translation unit: file name, kernel symbol and source text."""
+
+    filename: str
+    kernel_name: str
+    source: str
+
+    @property
+    def source_hash(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+
+@cache
+def environment() -> jinja2.Environment:
+    """The one template environment: files under templates/, undefined names are errors."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["cbool"] = lambda value: "true" if value else "false"
+    return env
+
+
+def _dims(cfg: LayerConfig) -> dict:
+    return {"hidden": cfg.hidden, "heads": cfg.heads, "d": cfg.head_size, "ffn": cfg.ffn}
+
+
+def _ctype(cfg: LayerConfig) -> str:
+    if cfg.dtype not in CTYPES:
+        from .errors import ConfigError
+        raise ConfigError(f"dtype {cfg.dtype} has no generated kernels; use one of {', '.join(CTYPES)}")
+    return CTYPES[cfg.dtype]
+
+
+def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUnit:
+    """Render the kernel of one segment for cfg's kernel signature and a compute capability like '90'."""
+    env = environment()
+    stages = []
+    for stage in stages_of(segment):
+        macros = env.get_template(f"stage_{stage.kind}.cu.j2").module
+        stages.append({"stage": stage, "call": str(macros.call(stage)).strip(),
+                       "smem": str(macros.smem(stage)).strip(), "work": str(macros.work(stage)).strip()})
+    context = {"version": __version__, "segment": segment, "dtype": cfg.dtype, "ctype": _ctype(cfg),
+               "arch_label": f"sm_{arch}", "dims": _dims(cfg), "stages": stages}
+    template = env.get_template("segment.cu.j2")
+    # The name carries a hash of the source it names, so different code never shares a symbol.
+    draft = template.render(**context, kernel_name="KERNEL", source_hash="-")
+    digest = hashlib.sha256(draft.encode()).hexdigest()
+    kernel_name = f"fs_{segment.name}_{cfg.dtype}_sm{arch}_{digest[:8]}"
+    source = template.render(**context, kernel_name=kernel_name, source_hash=digest[:16])
+    return GeneratedUnit(f"{kernel_name}.cu", kernel_name, source)
+
+
+def render_binding(kernel_names: list[str], cfg: LayerConfig, arch: str, library_name: str) -> GeneratedUnit:
+    """Render the single torch binding unit that dispatches to the listed kernels."""
+    source = environment().get_template("binding.cpp.j2").render(
+        version=__version__, library_name=library_name, kernels=kernel_names, dtype=cfg.dtype,
+        arch_label=f"sm_{arch}", tensor_names=LAYER_TENSORS, input_names=INPUT_TENSORS)
+    return GeneratedUnit(f"{library_name}_binding.cpp", "", source)

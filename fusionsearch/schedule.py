@@ -1,0 +1,84 @@
+"""Segment → stages: how the operators of one fused segment share a kernel.
+
+Inside a segment, an operator joins its neighbour's stage where the data stays in the thread block:
+  * the elementwise/layout operator after a GEMM becomes its epilogue (bias+split, scale+mask, merge heads,
+    bias+residual, bias+GELU);
+  * merge_heads before out_gemm becomes the GEMM's A-operand addressing (prologue);
+  * the elementwise operator before a row reduction is applied as the row is loaded (scale+mask before
+    softmax, bias+residual before LayerNorm);
+  * with the attention flag, operators 2–5 (and merge_heads after them) are one flash-attention stage.
+Every other dependency crosses thread blocks, so consecutive stages are separated by a grid-wide barrier
+and the segment runs as one cooperative persistent kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ops import OPS, OpKind
+from .plan import ATTN_FIRST, ATTN_LAST, Segment
+
+# GEMM → the following operator it can take as an epilogue.
+_EPILOGUE_OF = {0: 1, 2: 3, 5: 6, 7: 8, 10: 11, 12: 13}
+# Row reduction → the elementwise operator before it that it applies on load.
+_ABSORBED_BY = {4: 3, 9: 8, 14: 13}
+_MERGE_HEADS, _OUT_GEMM = 6, 7
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One grid-wide phase of a segment kernel; `op` names the C++ stage instantiation."""
+
+    kind: str  # "gemm" | "elementwise" | "rowwise" | "attention"
+    op: int
+    ops: tuple[int, ...]
+    fuse_next: bool = False  # gemm: epilogue of the next operator
+    merge_prologue: bool = False  # gemm 7: read ctx_heads as merged rows
+    absorb_prev: bool = False  # rowwise: apply the previous elementwise operator on load
+    merge_heads: bool = False  # attention: store merged heads (operator 6)
+
+    @property
+    def writes(self) -> str:
+        """The tensor (ops.py name) this stage materialises."""
+        return OPS[self.ops[-1]].output
+
+
+def stages_of(segment: Segment) -> tuple[Stage, ...]:
+    """Split a segment into stages following the fusion rules in the module docstring."""
+    stages: list[Stage] = []
+    op = segment.first
+    while op <= segment.last:
+        if segment.attention and op == ATTN_FIRST:
+            merge = segment.last > ATTN_LAST  # operator 6 follows inside the segment
+            covered = tuple(range(ATTN_FIRST, ATTN_LAST + 1 + merge))
+            stages.append(Stage("attention", ATTN_FIRST, covered, merge_heads=merge))
+            op = covered[-1] + 1
+            continue
+        kind = OPS[op].kind
+        if kind in (OpKind.GEMM, OpKind.BATCHED_GEMM):
+            fuse = _EPILOGUE_OF[op] <= segment.last
+            prologue = op == _OUT_GEMM and stages and stages[-1].ops == (_MERGE_HEADS,)
+            if prologue:
+                stages.pop()
+            covered = ((_MERGE_HEADS,) if prologue else ()) + (op,) + ((op + 1,) if fuse else ())
+            stages.append(Stage("gemm", op, covered, fuse_next=fuse, merge_prologue=bool(prologue)))
+            op = covered[-1] + 1
+        elif kind == OpKind.ROW_REDUCTION:
+            absorb = bool(stages) and stages[-1].kind == "elementwise" and stages[-1].ops == (_ABSORBED_BY[op],)
+            if absorb:
+                stages.pop()
+            stages.append(Stage("rowwise", op, ((op - 1,) if absorb else ()) + (op,), absorb_prev=absorb))
+            op += 1
+        else:
+            stages.append(Stage("elementwise", op, (op,)))
+            op += 1
+    return tuple(stages)
+
+
+def barrier_count(segment: Segment) -> int:
+    """Grid-wide barriers the segment kernel needs (0 means an ordinary launch)."""
+    return len(stages_of(segment)) - 1
+
+
+def tensors_written(segments) -> set[str]:
+    """Every intermediate tensor some stage of these segments writes (what the runtime must allocate)."""
+    return {stage.writes for seg in segments for stage in stages_of(seg)}

@@ -1,0 +1,156 @@
+// Tensor-core GEMM over a persistent grid: C[b] = A[b]·B[b] with mma.sync m16n8k16, fp32 accumulation,
+// a cp.async multistage pipeline and an epilogue functor that receives pairs of adjacent outputs.
+#pragma once
+#include "fs_common.cuh"
+
+namespace fs {
+
+struct GemmShape {
+  int M, N, K, batch;
+};
+
+// A as a row-major [M, K] matrix per batch entry; any 8-element chunk along K is contiguous.
+template <class T> struct RowMajorA {
+  const T* base;
+  long long ld, batch_stride;
+  __device__ __forceinline__ const T* chunk(int b, int row, int k) const {
+    return base + b * batch_stride + row * ld + k;
+  }
+};
+
+// B in nn.Linear layout ([N, K], K contiguous) or, with KMAJOR, as [K, N] with N contiguous.
+template <class T> struct MatB {
+  const T* base;
+  long long ld, batch_stride;
+};
+
+template <class T, int BM_, int BN_, int WARPS_M_, bool B_KMAJOR_>
+struct GemmTile {
+  static constexpr int BM = BM_, BN = BN_, BK = 32, STAGES = 3, PAD = 8;
+  static constexpr int WARPS_M = WARPS_M_, WARPS_N = kWarps / WARPS_M_;
+  static constexpr bool B_KMAJOR = B_KMAJOR_;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  static constexpr int MI = WM / 16, NI = WN / 8;
+  static constexpr int A_STRIDE = BK + PAD;  // padding keeps ldmatrix rows on distinct banks
+  static constexpr int B_ROWS = B_KMAJOR ? BK : BN;
+  static constexpr int B_STRIDE = (B_KMAJOR ? BN : BK) + PAD;
+  static constexpr int A_STAGE = BM * A_STRIDE, B_STAGE = B_ROWS * B_STRIDE;
+  static constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * int(sizeof(T));
+  static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile must hold whole 16x16 fragments");
+  static_assert((BM * BK / 8) % kThreads == 0 || BM * BK / 8 < kThreads, "A tile chunks");
+
+  static __host__ __device__ int tiles(const GemmShape& g) {
+    return ceil_div(g.M, BM) * ceil_div(g.N, BN) * g.batch;
+  }
+};
+
+template <class Cfg, class T, class ALoader, class Epi>
+__device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi, char* smem) {
+  T* sA = reinterpret_cast<T*>(smem);
+  T* sB = sA + Cfg::STAGES * Cfg::A_STAGE;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N;
+  const int tiles_m = ceil_div(g.M, Cfg::BM), tiles_n = ceil_div(g.N, Cfg::BN);
+  const int per_batch = tiles_m * tiles_n;
+  const int k_tiles = ceil_div(g.K, Cfg::BK);
+
+  for (int tile = blockIdx.x; tile < per_batch * g.batch; tile += gridDim.x) {
+    const int b = tile / per_batch, rest = tile % per_batch;
+    // N varies fastest so that blocks running together share the rows of A.
+    const int m0 = (rest / tiles_n) * Cfg::BM, n0 = (rest % tiles_n) * Cfg::BN;
+
+    auto load_stage = [&](int stage, int kt) {
+      const int k0 = kt * Cfg::BK;
+      T* a = sA + stage * Cfg::A_STAGE;
+      for (int c = threadIdx.x; c < Cfg::BM * Cfg::BK / 8; c += kThreads) {
+        const int row = c / (Cfg::BK / 8), kc = (c % (Cfg::BK / 8)) * 8;
+        const bool ok = m0 + row < g.M && k0 + kc < g.K;
+        cp_async16(a + row * Cfg::A_STRIDE + kc, ok ? A.chunk(b, m0 + row, k0 + kc) : A.chunk(0, 0, 0), ok);
+      }
+      T* bs = sB + stage * Cfg::B_STAGE;
+      const T* bbase = B.base + b * B.batch_stride;
+      if constexpr (Cfg::B_KMAJOR) {
+        for (int c = threadIdx.x; c < Cfg::BK * Cfg::BN / 8; c += kThreads) {
+          const int kr = c / (Cfg::BN / 8), nc = (c % (Cfg::BN / 8)) * 8;
+          const bool ok = k0 + kr < g.K && n0 + nc < g.N;
+          cp_async16(bs + kr * Cfg::B_STRIDE + nc, ok ? bbase + (k0 + kr) * B.ld + n0 + nc : B.base, ok);
+        }
+      } else {
+        for (int c = threadIdx.x; c < Cfg::BN * Cfg::BK / 8; c += kThreads) {
+          const int nr = c / (Cfg::BK / 8), kc = (c % (Cfg::BK / 8)) * 8;
+          const bool ok = n0 + nr < g.N && k0 + kc < g.K;
+          cp_async16(bs + nr * Cfg::B_STRIDE + kc, ok ? bbase + (n0 + nr) * B.ld + k0 + kc : B.base, ok);
+        }
+      }
+    };
+
+    float acc[Cfg::MI][Cfg::NI][4];
+#pragma unroll
+    for (int i = 0; i < Cfg::MI; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::NI; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+      if (s < k_tiles) load_stage(s, s);
+      cp_async_commit();
+    }
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      cp_async_wait<Cfg::STAGES - 2>();
+      __syncthreads();  // stage kt landed for everyone; stage kt-1 is free to refill
+      const int next = kt + Cfg::STAGES - 1;
+      if (next < k_tiles) load_stage(next % Cfg::STAGES, next);
+      cp_async_commit();
+
+      const T* a = sA + (kt % Cfg::STAGES) * Cfg::A_STAGE;
+      const T* bs = sB + (kt % Cfg::STAGES) * Cfg::B_STAGE;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::BK / 16; ++kk) {
+        uint32_t af[Cfg::MI][4], bf[Cfg::NI][2];
+#pragma unroll
+        for (int mi = 0; mi < Cfg::MI; ++mi) {
+          const int row = wm * Cfg::WM + mi * 16 + (lane % 16);
+          ldmatrix_x4(af[mi], a + row * Cfg::A_STRIDE + kk * 16 + (lane / 16) * 8);
+        }
+#pragma unroll
+        for (int nj = 0; nj < Cfg::NI / 2; ++nj) {
+          uint32_t r[4];
+          if constexpr (Cfg::B_KMAJOR) {
+            const int k = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+            const int n = wn * Cfg::WN + nj * 16 + (lane / 16) * 8;
+            ldmatrix_x4_trans(r, bs + k * Cfg::B_STRIDE + n);
+          } else {
+            const int n = wn * Cfg::WN + nj * 16 + (lane % 8) + (lane / 16) * 8;
+            const int k = kk * 16 + ((lane / 8) % 2) * 8;
+            ldmatrix_x4(r, bs + n * Cfg::B_STRIDE + k);
+          }
+          bf[2 * nj][0] = r[0]; bf[2 * nj][1] = r[1];
+          bf[2 * nj + 1][0] = r[2]; bf[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < Cfg::NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the next tile's prologue reuses this shared memory
+
+#pragma unroll
+    for (int mi = 0; mi < Cfg::MI; ++mi) {
+      const int row = m0 + wm * Cfg::WM + mi * 16 + lane / 4;
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ++ni) {
+        const int col = n0 + wn * Cfg::WN + ni * 8 + (lane % 4) * 2;
+        if (col >= g.N) continue;
+        if (row < g.M) epi(b, row, col, acc[mi][ni][0], acc[mi][ni][1]);
+        if (row + 8 < g.M) epi(b, row + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
+      }
+    }
+  }
+}
+
+}  // namespace fs

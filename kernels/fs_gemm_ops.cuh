@@ -1,0 +1,142 @@
+// The six GEMM operators of the layer as persistent stages, each with its optional fused epilogue
+// (the elementwise or layout operator that follows it) and, for out_gemm, a merge-heads prologue.
+#pragma once
+#include <type_traits>
+
+#include "fs_gemm.cuh"
+
+namespace fs {
+
+// Tile shapes: layer GEMMs and Q·Kᵀ use 64×128 tiles; P·V uses 64×head_size.
+template <class T> using LinearTile = GemmTile<T, 64, 128, 2, false>;
+template <class T, class D> using PvTile = GemmTile<T, 64, D::d, (D::d == 32 ? 4 : 2), true>;
+
+// ctx_heads [B, heads, S, d] read as the merged [M, H] matrix: merge_heads as a GEMM prologue.
+template <class T, class D> struct HeadsAsRowsA {
+  const T* base;
+  int seq;
+  __device__ __forceinline__ const T* chunk(int, int row, int k) const {
+    const int b = row / seq, s = row - b * seq, h = k / D::d, j = k - h * D::d;
+    return base + ((static_cast<long long>(b) * D::heads + h) * seq + s) * D::d + j;
+  }
+};
+
+template <class T, class D, int OP> __host__ __device__ inline GemmShape gemm_shape(const LayerArgs& a) {
+  const int M = a.batch * a.seq;
+  if constexpr (OP == 0) return {M, 3 * D::hidden, D::hidden, 1};
+  if constexpr (OP == 2) return {a.seq, a.seq, D::d, a.batch * D::heads};
+  if constexpr (OP == 5) return {a.seq, D::d, a.seq, a.batch * D::heads};
+  if constexpr (OP == 7) return {M, D::hidden, D::hidden, 1};
+  if constexpr (OP == 10) return {M, D::ffn, D::hidden, 1};
+  if constexpr (OP == 12) return {M, D::hidden, D::ffn, 1};
+  return {0, 0, 0, 0};
+}
+
+template <class T, class D, int OP> using GemmTileOf =
+    typename std::conditional<OP == 5, PvTile<T, D>, LinearTile<T>>::type;
+
+template <class T, class D, int OP> __host__ __device__ inline int gemm_op_work(const LayerArgs& a) {
+  return GemmTileOf<T, D, OP>::tiles(gemm_shape<T, D, OP>(a));
+}
+template <class T, class D, int OP> constexpr int gemm_op_smem() { return GemmTileOf<T, D, OP>::SMEM_BYTES; }
+
+template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE>
+__device__ void gemm_op(const LayerArgs& a, char* smem) {
+  using Cfg = GemmTileOf<T, D, OP>;
+  const GemmShape g = gemm_shape<T, D, OP>(a);
+  const int S = a.seq;
+  const long long M = static_cast<long long>(a.batch) * S;
+  const long long heads_elems = M * D::hidden;  // one of Q, K, V in qkv_heads
+
+  if constexpr (OP == 0) {
+    const RowMajorA<T> A{static_cast<const T*>(a.x), D::hidden, 0};
+    const MatB<T> B{static_cast<const T*>(a.w_qkv), D::hidden, 0};
+    if constexpr (FUSE_NEXT) {  // + bias, then split into [3, B, heads, S, d]
+      const T* bias = static_cast<const T*>(a.b_qkv);
+      T* dst = static_cast<T*>(a.qkv_heads);
+      gemm_run<Cfg>(g, A, B, [=](int, int row, int col, float v0, float v1) {
+        const int which = col / D::hidden, h = (col % D::hidden) / D::d, j = col % D::d;
+        const int b = row / S, s = row % S;
+        T* p = dst + which * heads_elems + ((static_cast<long long>(b) * D::heads + h) * S + s) * D::d + j;
+        store2(p, v0 + to_f(bias[col]), v1 + to_f(bias[col + 1]));
+      }, smem);
+    } else {
+      T* dst = static_cast<T*>(a.qkv);
+      gemm_run<Cfg>(g, A, B, [=](int, int row, int col, float v0, float v1) {
+        store2(dst + static_cast<long long>(row) * 3 * D::hidden + col, v0, v1);
+      }, smem);
+    }
+  } else if constexpr (OP == 2) {
+    const T* q = static_cast<const T*>(a.qkv_heads);
+    const long long head_stride = static_cast<long long>(S) * D::d;
+    const RowMajorA<T> A{q, D::d, head_stride};
+    const MatB<T> B{q + heads_elems, D::d, head_stride};
+    const long long score_stride = static_cast<long long>(S) * a.seq_pad;
+    const int pad = a.seq_pad;
+    if constexpr (FUSE_NEXT) {  // scale and additive key mask
+      T* dst = static_cast<T*>(a.scores_masked);
+      const float scale = a.scale;
+      const float* kb = a.key_bias;
+      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+        const int b = bh / D::heads;
+        const float k0 = kb ? kb[b * S + col] : 0.f, k1 = kb ? kb[b * S + col + 1] : 0.f;
+        T* p = dst + bh * score_stride + static_cast<long long>(row) * pad + col;
+        p[0] = from_f_sat<T>(v0 * scale + k0);
+        if (col + 1 < S) p[1] = from_f_sat<T>(v1 * scale + k1);
+      }, smem);
+    } else {
+      T* dst = static_cast<T*>(a.scores);
+      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+        T* p = dst + bh * score_stride + static_cast<long long>(row) * pad + col;
+        p[0] = from_f<T>(v0);
+        if (col + 1 < S) p[1] = from_f<T>(v1);
+      }, smem);
+    }
+  } else if constexpr (OP == 5) {
+    const long long score_stride = static_cast<long long>(S) * a.seq_pad;
+    const long long head_stride = static_cast<long long>(S) * D::d;
+    // Columns S..seq_pad-1 of probs are zero, so the A chunks that straddle S add nothing.
+    const RowMajorA<T> A{static_cast<const T*>(a.probs), a.seq_pad, score_stride};
+    const MatB<T> B{static_cast<const T*>(a.qkv_heads) + 2 * heads_elems, D::d, head_stride};
+    if constexpr (FUSE_NEXT) {  // write merged heads [M, H] directly
+      T* dst = static_cast<T*>(a.ctx);
+      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+        const int b = bh / D::heads, h = bh % D::heads;
+        store2(dst + (static_cast<long long>(b) * S + row) * D::hidden + h * D::d + col, v0, v1);
+      }, smem);
+    } else {
+      T* dst = static_cast<T*>(a.ctx_heads);
+      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+        store2(dst + bh * head_stride + static_cast<long long>(row) * D::d + col, v0, v1);
+      }, smem);
+    }
+  } else {
+    // The three [M, ·] linear layers share one shape of code.
+    constexpr int N = OP == 10 ? D::ffn : D::hidden;
+    constexpr int K = OP == 12 ? D::ffn : D::hidden;
+    const T* w = static_cast<const T*>(OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2);
+    const T* bias = static_cast<const T*>(OP == 7 ? a.b_o : OP == 10 ? a.b_ffn1 : a.b_ffn2);
+    const T* residual = static_cast<const T*>(OP == 7 ? a.x : a.attn_out);
+    T* plain = static_cast<T*>(OP == 7 ? a.attn_proj : OP == 10 ? a.ffn_pre : a.ffn_out);
+    T* fused = static_cast<T*>(OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res);
+    const MatB<T> B{w, K, 0};
+    auto epilogue = [=](int, int row, int col, float v0, float v1) {
+      const long long at = static_cast<long long>(row) * N + col;
+      if constexpr (!FUSE_NEXT) {
+        store2(plain + at, v0, v1);
+      } else if constexpr (OP == 10) {
+        store2(fused + at, gelu_erf(v0 + to_f(bias[col])), gelu_erf(v1 + to_f(bias[col + 1])));
+      } else {
+        store2(fused + at, v0 + to_f(bias[col]) + to_f(residual[at]), v1 + to_f(bias[col + 1]) + to_f(residual[at + 1]));
+      }
+    };
+    if constexpr (OP == 7 && MERGE_PROLOGUE) {
+      gemm_run<Cfg>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem);
+    } else {
+      const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
+      gemm_run<Cfg>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem);
+    }
+  }
+}
+
+}  // namespace fs

@@ -1,0 +1,166 @@
+"""Generated kernels on a real GPU: every segment, random whole plans, structure (launch count, tensor cores)."""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fusionsearch.config import LayerConfig
+from fusionsearch.errors import ConfigError
+from fusionsearch.plan import Plan, all_segments, enumerate_plans
+from fusionsearch.schedule import stages_of
+from gpu_support import library_for
+
+pytestmark = pytest.mark.gpu
+DTYPES = ("fp16", "bf16")
+PLAN_SHAPES = ((1, 32), (3, 97), (16, 128), (8, 512))
+
+
+def _weights(cfg):
+    from fusionsearch.weights import LayerWeights
+    return LayerWeights.random(cfg, seed=1234)
+
+
+def _random_plans(count: int, seed: int) -> list[Plan]:
+    plans = list(enumerate_plans())
+    rng = random.Random(seed)
+    picked = rng.sample(plans, count - 2)
+    # Always include the extremes: fully unfused and everything in one kernel with the attention kernel.
+    return [Plan.from_cuts(set(range(1, 15))), Plan.from_cuts(set(), attention=True), *picked]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_segment_kernel_matches_reference_with_padding(dtype):
+    from fusionsearch.verify import verify_segment
+
+    cfg = LayerConfig(batch=3, seq_len=97, dtype=dtype)
+    library = library_for(cfg)
+    weights = _weights(cfg)
+    failures = []
+    for index, segment in enumerate(all_segments()):
+        budget = verify_segment(library, segment, weights, cfg, seed=index)
+        if not budget.ok:
+            failures.append(f"{segment.name}: {budget.reason}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PLAN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_random_plans_match_reference_end_to_end(dtype, shape):
+    from fusionsearch.runtime import FusedEncoderLayer
+    from fusionsearch.verify import verify_plan
+
+    cfg = LayerConfig(batch=shape[0], seq_len=shape[1], dtype=dtype)
+    library = library_for(cfg)
+    weights = _weights(cfg)
+    count = 64 if dtype == "fp16" else 16
+    failures = []
+    for index, plan in enumerate(_random_plans(count, seed=hash(shape) & 0xFFFF)):
+        layer = FusedEncoderLayer(plan, weights, cfg, library=library)
+        budget = verify_plan(layer, weights, cfg, seed=index)
+        if not budget.ok:
+            failures.append(f"mask {plan.mask} {plan.describe()}: {budget.reason}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_fully_masked_batch_entry_gives_no_nan(attention):
+    import torch
+    from fusionsearch.runtime import FusedEncoderLayer
+
+    cfg = LayerConfig(batch=2, seq_len=40)
+    weights = _weights(cfg)
+    plan = Plan.from_cuts(set(), attention=attention)
+    layer = FusedEncoderLayer(plan, weights, cfg, library=library_for(cfg))
+    x = torch.randn(2, 40, cfg.hidden, device="cuda", dtype=torch.float16)
+    mask = torch.ones(2, 40, dtype=torch.int64, device="cuda")
+    mask[1] = 0
+    out = layer(x, mask)
+    assert torch.isfinite(out).all()
+
+
+def test_plan_of_k_segments_launches_k_kernels():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from fusionsearch.runtime import FusedEncoderLayer
+
+    cfg = LayerConfig(batch=2, seq_len=64)
+    weights = _weights(cfg)
+    library = library_for(cfg)
+    x = torch.randn(2, 64, cfg.hidden, device="cuda", dtype=torch.float16)
+    for plan in _random_plans(6, seed=7):
+        layer = FusedEncoderLayer(plan, weights, cfg, library=library)
+        layer(x)  # first call sets kernel attributes
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            layer(x)
+            torch.cuda.synchronize()
+        launched = [e for e in prof.events() if e.device_type.name == "CUDA" and e.name.startswith("fs_seg_")]
+        assert len(launched) == plan.kernel_count, (plan.describe(), [e.name for e in launched])
+
+
+def test_cuda_graph_replay_matches_direct_launch():
+    import torch
+    from fusionsearch.runtime import FusedEncoderLayer
+
+    cfg = LayerConfig(batch=4, seq_len=77)
+    weights = _weights(cfg)
+    plan = Plan.from_cuts({1, 7, 10}, attention=True)
+    direct = FusedEncoderLayer(plan, weights, cfg, library=library_for(cfg))
+    graphed = FusedEncoderLayer(plan, weights, cfg, library=library_for(cfg), cuda_graphs=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(4, 77, cfg.hidden, device="cuda", dtype=torch.float16)
+        mask = (torch.rand(4, 77, device="cuda") > 0.2).long()
+        mask[:, 0] = 1
+        torch.testing.assert_close(graphed(x, mask), direct(x, mask), rtol=0, atol=0)
+
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    import torch
+    from fusionsearch.runtime import FusedEncoderLayer
+
+    cfg = LayerConfig(batch=2, seq_len=16)
+    layer = FusedEncoderLayer(Plan.from_cuts(set()), _weights(cfg), cfg, library=library_for(cfg))
+    good = torch.randn(2, 16, cfg.hidden, device="cuda", dtype=torch.float16)
+    with pytest.raises(ConfigError, match="dtype"):
+        layer(good.float())
+    with pytest.raises(ConfigError, match="CUDA"):
+        layer(good.cpu())
+    with pytest.raises(ConfigError, match="shape"):
+        layer(good[:, :, :100].contiguous())
+    with pytest.raises(ConfigError, match="contiguous"):
+        layer(good.transpose(0, 1))
+    with pytest.raises(ConfigError, match="seq_len"):
+        layer(torch.randn(1, 2048, cfg.hidden, device="cuda", dtype=torch.float16))
+    with pytest.raises(ConfigError, match="attention_mask"):
+        layer(good, torch.ones(2, 15, device="cuda"))
+
+
+def _sass_by_function(library_path: Path) -> dict[str, str]:
+    text = subprocess.run(["cuobjdump", "-sass", str(library_path)], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", text)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump")
+def test_gemm_bearing_kernels_use_tensor_cores():
+    from fusionsearch.build import build_dir
+
+    cfg = LayerConfig()
+    library = library_for(cfg)
+    shared_objects = list(Path(library.module.__file__).parent.glob("*.so")) or [Path(library.module.__file__)]
+    sass = _sass_by_function(shared_objects[0])
+    checked = 0
+    for segment, unit in zip(all_segments(), library.spec.units):
+        has_matmul = any(stage.kind in ("gemm", "attention") for stage in stages_of(segment))
+        body = sass.get(unit.kernel_name)
+        assert body is not None, f"{unit.kernel_name} not found in {shared_objects[0]} ({build_dir(library.spec)})"
+        if has_matmul:
+            assert re.search(r"\b(HMMA|HGMMA)\b", body), f"{unit.kernel_name} has no tensor-core instruction"
+            checked += 1
+    assert checked >= 100
