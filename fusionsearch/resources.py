@@ -9,7 +9,8 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _locate(name: str) -> Path:
-    for candidate in (_PACKAGE_DIR.parent / name, _PACKAGE_DIR / name):
+    # Inside the installed package first; the source tree keeps them one level up.
+    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
         if candidate.is_dir() and any(candidate.iterdir()):
             return candidate
     raise FileNotFoundError(f"fusionsearch cannot find its {name}/ folder next to {_PACKAGE_DIR}; "

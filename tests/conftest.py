@@ -1,0 +1,32 @@
+"""Shared test setup: skip `gpu` tests without CUDA and `nvcc` tests without the compiler; a fresh cache per test."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    nvcc_items = [item for item in items if "nvcc" in item.keywords]
+    if gpu_items:
+        # Import torch only when a GPU test was collected: a codec-only run stays fast.
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+            for item in gpu_items:
+                item.add_marker(skip)
+    if nvcc_items and shutil.which("nvcc") is None:
+        skip = pytest.mark.skip(reason="needs the nvcc compiler on PATH")
+        for item in nvcc_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """Point FUSIONSEARCH_CACHE_DIR at an empty folder so no test reads or pollutes a real build cache."""
+    path = tmp_path / "fusionsearch-cache"
+    path.mkdir()
+    monkeypatch.setenv("FUSIONSEARCH_CACHE_DIR", str(path))
+    return path
