@@ -141,7 +141,8 @@ def write_sources(spec: LibrarySpec) -> list[Path]:
 def _arch_environment(arch: str):
     """cpp_extension reads the target from TORCH_CUDA_ARCH_LIST and the job count from MAX_JOBS."""
     saved = {name: os.environ.get(name) for name in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS")}
-    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
+    digits, suffix = arch.rstrip("af"), arch[len(arch.rstrip("af")):]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{digits[:-1]}.{digits[-1]}{suffix}"
     if settings.build_jobs():
         os.environ["MAX_JOBS"] = str(settings.build_jobs())
     try:

@@ -8,7 +8,7 @@ import sys
 from ..errors import FusionSearchError
 
 # Subcommand name → module under fusionsearch.cli that defines `register(subparsers)`.
-SUBCOMMANDS = ("translate",)
+SUBCOMMANDS = ("translate", "bench", "predict", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     except FusionSearchError as error:
         print(f"fusionsearch {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; stay quiet like other command-line tools.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"fusionsearch {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,49 @@
+"""How segments split into stages: epilogues, prologues, absorbed elementwise operators, barriers."""
+from fusionsearch.plan import Segment, all_segments
+from fusionsearch.schedule import barrier_count, stages_of, tensors_written
+
+
+def _shape(segment):
+    return [(s.kind, s.ops) for s in stages_of(segment)]
+
+
+def test_every_segment_is_covered_by_its_stages_in_order():
+    for segment in all_segments():
+        covered = [op for stage in stages_of(segment) for op in stage.ops]
+        assert covered == list(segment.ops), segment.name
+
+
+def test_elementwise_after_gemm_becomes_its_epilogue():
+    assert _shape(Segment(10, 11)) == [("gemm", (10, 11))]
+    assert _shape(Segment(0, 1)) == [("gemm", (0, 1))]
+    assert stages_of(Segment(12, 13))[0].fuse_next
+
+
+def test_merge_heads_before_out_gemm_is_a_prologue_without_barrier():
+    (stage,) = stages_of(Segment(6, 7))
+    assert stage.merge_prologue and stage.ops == (6, 7)
+    assert barrier_count(Segment(6, 7)) == 0
+
+
+def test_row_reduction_absorbs_the_elementwise_operator_before_it():
+    assert _shape(Segment(8, 9)) == [("rowwise", (8, 9))]
+    assert _shape(Segment(3, 4)) == [("rowwise", (3, 4))]
+    assert stages_of(Segment(13, 14))[0].absorb_prev
+
+
+def test_attention_flag_runs_ops_2_to_5_as_one_flash_stage():
+    assert _shape(Segment(2, 5, True)) == [("attention", (2, 3, 4, 5))]
+    assert _shape(Segment(1, 6, True)) == [("elementwise", (1,)), ("attention", (2, 3, 4, 5, 6))]
+    assert _shape(Segment(2, 5)) == [("gemm", (2, 3)), ("rowwise", (4,)), ("gemm", (5,))]
+
+
+def test_cross_block_dependencies_need_grid_barriers():
+    assert barrier_count(Segment(7, 10)) == 2  # GEMM+bias_residual | LayerNorm | GEMM
+    assert barrier_count(Segment(0, 14, True)) == 6
+    assert barrier_count(Segment(4, 4)) == 0
+
+
+def test_runtime_allocates_exactly_what_stages_write():
+    assert tensors_written([Segment(0, 14, True)]) == {"qkv_heads", "ctx", "attn_res", "attn_out", "ffn_act",
+                                                       "ffn_res", "out"}
+    assert "probs" in tensors_written([Segment(2, 5)])
