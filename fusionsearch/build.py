@@ -13,15 +13,14 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import settings
-from .codegen import GeneratedUnit, render_binding, render_segment
 from .config import LayerConfig
 from .errors import FusionSearchError
 from .plan import Segment, all_segments
-from .resources import kernels_dir, sources_hash
+from .resources import kernels_dir
 
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-diag-suppress=177")
 CXX_FLAGS = ("-O2", "-std=c++17")
@@ -50,20 +49,35 @@ def toolchain_versions() -> dict:
 
 
 @dataclass(frozen=True)
+class GeneratedUnit:
+    """One rendered translation unit: file name, kernel symbol (empty for the binding) and source text."""
+
+    filename: str
+    kernel_name: str
+    source: str
+
+    @property
+    def source_hash(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class LibrarySpec:
     """Everything that determines one compiled library; `key` is its content hash."""
 
     module_name: str
     signature: tuple
     arch: str
-    units: tuple[GeneratedUnit, ...]
-    binding: GeneratedUnit
+    units: tuple[GeneratedUnit, ...]  # one per segment
+    binding: GeneratedUnit  # the torch binding
     segment_names: tuple[str, ...]
     key: str
 
 
 def library_spec(cfg: LayerConfig, segments: "tuple[Segment, ...] | None" = None, arch: str | None = None) -> LibrarySpec:
     """Render every unit of a library and compute its content key (no compiler needed)."""
+    from .codegen import render_binding, render_segment  # rendering needs jinja2; loading a spec does not
+    from .resources import sources_hash
     arch = arch or current_arch()
     segments = tuple(segments) if segments is not None else all_segments()
     units = tuple(render_segment(seg, cfg, arch) for seg in segments)
@@ -123,6 +137,13 @@ def build_dir(spec: LibrarySpec) -> Path:
     return settings.cache_dir() / "build" / spec.module_name
 
 
+def rekeyed(spec: LibrarySpec, arch: str) -> LibrarySpec:
+    """The same rendered sources keyed for another arch and this machine's toolchain (used by exports)."""
+    digest = hashlib.sha256(json.dumps([spec.key, arch, toolchain_versions()], sort_keys=True).encode()).hexdigest()
+    name = spec.module_name.rsplit("_sm", 1)[0] + f"_sm{arch}_{digest[:16]}"
+    return replace(spec, module_name=name, arch=arch, key=digest)
+
+
 def write_sources(spec: LibrarySpec) -> list[Path]:
     """Materialise the library's sources in its build directory; returns the source paths."""
     folder = build_dir(spec)
@@ -133,7 +154,7 @@ def write_sources(spec: LibrarySpec) -> list[Path]:
     write_atomic(folder / "library.json", json.dumps(
         {"module": spec.module_name, "key": spec.key, "arch": spec.arch, "signature": dict(spec.signature),
          "segments": list(spec.segment_names), "kernels": [u.kernel_name for u in spec.units],
-         "toolchain": toolchain_versions(), "sources_hash": sources_hash()}, indent=1))
+         "toolchain": toolchain_versions()}, indent=1))
     return paths
 
 

@@ -2,37 +2,20 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from functools import cache
 
 import jinja2
 
 from . import __version__
+from .build import GeneratedUnit
 from .config import LayerConfig
+from .errors import ConfigError
+from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
 from .schedule import stages_of
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
-# Parameters and inputs, in the order the binding receives them; then every operator output.
-INPUT_TENSORS = ("key_bias", "x", "w_qkv", "b_qkv", "w_o", "b_o", "ln1_w", "ln1_b",
-                 "w_ffn1", "b_ffn1", "w_ffn2", "b_ffn2", "ln2_w", "ln2_b")
-OUTPUT_TENSORS = ("qkv", "qkv_heads", "scores", "scores_masked", "probs", "ctx_heads", "ctx", "attn_proj",
-                  "attn_res", "attn_out", "ffn_pre", "ffn_act", "ffn_out", "ffn_res", "out")
-LAYER_TENSORS = INPUT_TENSORS + OUTPUT_TENSORS
-
-
-@dataclass(frozen=True)
-class GeneratedUnit:
-    """One rendered translation unit: file name, kernel symbol and source text."""
-
-    filename: str
-    kernel_name: str
-    source: str
-
-    @property
-    def source_hash(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()
 
 
 @cache
@@ -51,7 +34,6 @@ def _dims(cfg: LayerConfig) -> dict:
 
 def _ctype(cfg: LayerConfig) -> str:
     if cfg.dtype not in CTYPES:
-        from .errors import ConfigError
         raise ConfigError(f"dtype {cfg.dtype} has no generated kernels; use one of {', '.join(CTYPES)}")
     return CTYPES[cfg.dtype]
 

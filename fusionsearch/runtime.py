@@ -8,15 +8,12 @@ import torch
 from torch import nn
 
 from .build import LibrarySpec, library_spec, load_library
-from .codegen import LAYER_TENSORS
+from .layout import LAYER_TENSORS, workspace_shape
 from .config import LayerConfig
 from .errors import ConfigError
-from .ops import tensor_shape
 from .plan import Plan, Segment
 from .schedule import tensors_written
 from .weights import TENSOR_NAMES, LayerWeights, torch_dtype
-
-_SCORE_TENSORS = ("scores", "scores_masked", "probs")
 
 
 @dataclass
@@ -50,20 +47,26 @@ def _empty_like_any(tensors: dict) -> torch.Tensor:
     return torch.empty(0, device=sample.device)
 
 
-def workspace_shape(name: str, cfg: LayerConfig) -> tuple[int, ...]:
-    """Buffer shape of an operator output; S×S buffers have rows padded to a multiple of 8."""
-    shape = tensor_shape(name, cfg)
-    if name in _SCORE_TENSORS:
-        return (*shape[:-1], (cfg.seq_len + 7) // 8 * 8)
-    return shape
-
-
 def key_bias(attention_mask: "torch.Tensor | None", cfg: LayerConfig) -> "torch.Tensor | None":
     """HF attention_mask [B, S] (1 = attend) → float32 additive bias: 0 or the lowest float32."""
     if attention_mask is None:
         return None
     lowest = torch.finfo(torch.float32).min
     return torch.where(attention_mask.to(torch.bool), 0.0, lowest).to(torch.float32).contiguous()
+
+
+def attend_mask(attention_mask: "torch.Tensor | None") -> "torch.Tensor | None":
+    """Any Hugging Face mask form → [B, S] with 1 = attend: the 2-D tokenizer mask, or a 4-D extended mask
+    ([B, 1, 1 or S, S], boolean True = attend or additive 0 / large negative) as encoder layers receive it."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    if attention_mask.dim() != 4:
+        raise ConfigError(f"attention_mask has {attention_mask.dim()} dimensions; give [batch, seq_len] "
+                          "(1 = attend) or a 4-D extended mask [batch, 1, 1 or seq_len, seq_len]")
+    keys = attention_mask[:, 0, 0, :]  # key padding is the same for every query row
+    if keys.dtype == torch.bool:
+        return keys
+    return keys > torch.finfo(keys.dtype).min / 2
 
 
 class FusedEncoderLayer(nn.Module):

@@ -7,11 +7,10 @@ from .config import LayerConfig
 from .ops import OPS
 from .plan import Segment
 from .reference import ErrorBudget, error_budget, reference_forward, reference_layer, run_ops
-from .runtime import FusedEncoderLayer, KernelLibrary, key_bias, run_segment, workspace_shape
+from .layout import SCORE_TENSORS, workspace_shape
+from .runtime import FusedEncoderLayer, KernelLibrary, key_bias, run_segment
 from .schedule import tensors_written
 from .weights import LayerWeights, torch_dtype
-
-_SCORES = ("scores", "scores_masked", "probs")
 
 
 def random_inputs(cfg: LayerConfig, seed: int, device="cuda", padding: bool = True):
@@ -43,7 +42,7 @@ def verify_plan(layer: FusedEncoderLayer, weights: LayerWeights, cfg: LayerConfi
 
 
 def _fill(buffer: torch.Tensor, value: torch.Tensor, name: str) -> None:
-    if name in _SCORES:
+    if name in SCORE_TENSORS:
         buffer.zero_()  # probs padding columns must be zero; the others are never read there
         buffer[..., : value.shape[-1]].copy_(value)
     else:
@@ -77,7 +76,7 @@ def verify_segment(library: KernelLibrary, segment: Segment, weights: LayerWeigh
     run_segment(library, segment, tensors, cfg)
     torch.cuda.synchronize()
     candidate = tensors[target]
-    if target in _SCORES:
+    if target in SCORE_TENSORS:
         candidate = candidate[..., : cfg.seq_len]
     candidate = candidate.reshape(reference.shape)
     if target == "scores_masked":
