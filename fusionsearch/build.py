@@ -79,8 +79,10 @@ def library_spec(cfg: LayerConfig, segments: "tuple[Segment, ...] | None" = None
     from .codegen import render_binding, render_segment  # rendering needs jinja2; loading a spec does not
     from .resources import sources_hash
     arch = arch or current_arch()
+    from .schedule import uses_library_gemm
     segments = tuple(segments) if segments is not None else all_segments()
-    units = tuple(render_segment(seg, cfg, arch) for seg in segments)
+    generated = {seg.name: render_segment(seg, cfg, arch) for seg in segments if not uses_library_gemm(seg)}
+    units = tuple(generated.values())
     signature = tuple(sorted(cfg.kernel_signature().items()))
     sig_text = "_".join(f"{k}{v}" for k, v in signature if k != "dtype")
     digest = hashlib.sha256()
@@ -91,7 +93,7 @@ def library_spec(cfg: LayerConfig, segments: "tuple[Segment, ...] | None" = None
         digest.update(unit.source_hash.encode())
     key = digest.hexdigest()
     name = f"fs_{cfg.dtype}_{sig_text}_sm{arch}_{key[:16]}"
-    binding = render_binding([u.kernel_name for u in units], cfg, arch, name)
+    binding = render_binding(segments, {seg: unit.kernel_name for seg, unit in generated.items()}, cfg, arch, name)
     return LibrarySpec(name, signature, arch, units, binding, tuple(s.name for s in segments), key)
 
 

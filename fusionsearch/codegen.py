@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
-from .schedule import stages_of
+from .schedule import stages_of, uses_library_gemm
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
 
@@ -57,9 +57,17 @@ def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUn
     return GeneratedUnit(f"{kernel_name}.cu", kernel_name, source)
 
 
-def render_binding(kernel_names: list[str], cfg: LayerConfig, arch: str, library_name: str) -> GeneratedUnit:
-    """Render the single torch binding unit that dispatches to the listed kernels."""
+def render_binding(segments, kernel_of: dict[str, str], cfg: LayerConfig, arch: str,
+                   library_name: str) -> GeneratedUnit:
+    """Render the single torch binding unit: entry i launches segment i, through its generated kernel
+    (`kernel_of[segment.name]`) or, for a lone GEMM, through cuBLAS via ATen."""
+    entries = [{"segment": seg.name, "kernel": kernel_of.get(seg.name), "library_op": seg.first}
+               for seg in segments]
+    for entry in entries:
+        if entry["kernel"] is None and not uses_library_gemm(next(s for s in segments if s.name == entry["segment"])):
+            raise ValueError(f"segment {entry['segment']} has neither a generated kernel nor a library GEMM")
     source = environment().get_template("binding.cpp.j2").render(
-        version=__version__, library_name=library_name, kernels=kernel_names, dtype=cfg.dtype,
+        version=__version__, library_name=library_name, entries=entries,
+        kernels=[e["kernel"] for e in entries if e["kernel"]], dtype=cfg.dtype,
         arch_label=f"sm_{arch}", tensor_names=LAYER_TENSORS, input_names=INPUT_TENSORS)
     return GeneratedUnit(f"{library_name}_binding.cpp", "", source)

@@ -42,6 +42,11 @@ class Stage:
         return OPS[self.ops[-1]].output
 
 
+def uses_library_gemm(segment: Segment) -> bool:
+    """A lone GEMM runs through cuBLAS (via ATen in the binding): nothing to fuse, and the library is faster."""
+    return segment.span == 1 and OPS[segment.first].kind in (OpKind.GEMM, OpKind.BATCHED_GEMM)
+
+
 def stages_of(segment: Segment) -> tuple[Stage, ...]:
     """Split a segment into stages following the fusion rules in the module docstring."""
     stages: list[Stage] = []

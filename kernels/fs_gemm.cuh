@@ -24,9 +24,9 @@ template <class T> struct MatB {
   long long ld, batch_stride;
 };
 
-template <class T, int BM_, int BN_, int WARPS_M_, bool B_KMAJOR_>
+template <class T, int BM_, int BN_, int WARPS_M_, bool B_KMAJOR_, int STAGES_ = 3>
 struct GemmTile {
-  static constexpr int BM = BM_, BN = BN_, BK = 32, STAGES = 3, PAD = 8;
+  static constexpr int BM = BM_, BN = BN_, BK = 32, STAGES = STAGES_, PAD = 8;
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = kWarps / WARPS_M_;
   static constexpr bool B_KMAJOR = B_KMAJOR_;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;

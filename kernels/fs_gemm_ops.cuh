@@ -7,8 +7,12 @@
 
 namespace fs {
 
-// Tile shapes: layer GEMMs and Q·Kᵀ use 64×128 tiles; P·V uses 64×head_size.
+// Tile shapes: layer GEMMs use 64×128 tiles for few rows (more blocks in flight) and 128×128 tiles with a
+// 4-stage pipeline from kWideTileMinRows rows on (twice the reuse of each loaded tile); Q·Kᵀ uses 64×128
+// and P·V 64×head_size.
 template <class T> using LinearTile = GemmTile<T, 64, 128, 2, false>;
+template <class T> using WideTile = GemmTile<T, 128, 128, 2, false, 4>;
+constexpr int kWideTileMinRows = 2048;
 template <class T, class D> using PvTile = GemmTile<T, 64, D::d, (D::d == 32 ? 4 : 2), true>;
 
 // ctx_heads [B, heads, S, d] read as the merged [M, H] matrix: merge_heads as a GEMM prologue.
@@ -35,14 +39,32 @@ template <class T, class D, int OP> __host__ __device__ inline GemmShape gemm_sh
 template <class T, class D, int OP> using GemmTileOf =
     typename std::conditional<OP == 5, PvTile<T, D>, LinearTile<T>>::type;
 
-template <class T, class D, int OP> __host__ __device__ inline int gemm_op_work(const LayerArgs& a) {
-  return GemmTileOf<T, D, OP>::tiles(gemm_shape<T, D, OP>(a));
+template <class T, class D, int OP> __host__ __device__ inline bool wide_tiles(const GemmShape& g) {
+  return OP != 2 && OP != 5 && g.M >= kWideTileMinRows;
 }
-template <class T, class D, int OP> constexpr int gemm_op_smem() { return GemmTileOf<T, D, OP>::SMEM_BYTES; }
+template <class T, class D, int OP> __host__ __device__ inline int gemm_op_work(const LayerArgs& a) {
+  const GemmShape g = gemm_shape<T, D, OP>(a);
+  return wide_tiles<T, D, OP>(g) ? WideTile<T>::tiles(g) : GemmTileOf<T, D, OP>::tiles(g);
+}
+template <class T, class D, int OP> constexpr int gemm_op_smem() {
+  return (OP == 2 || OP == 5 || GemmTileOf<T, D, OP>::SMEM_BYTES > WideTile<T>::SMEM_BYTES)
+             ? GemmTileOf<T, D, OP>::SMEM_BYTES : WideTile<T>::SMEM_BYTES;
+}
+
+// Run the GEMM with the tile shape chosen for this problem size.
+template <class T, class D, int OP, class ALoader, class Epi>
+__device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
+                                              char* smem) {
+  if constexpr (OP == 2 || OP == 5) {
+    gemm_run<GemmTileOf<T, D, OP>>(g, A, B, epi, smem);
+  } else {
+    if (wide_tiles<T, D, OP>(g)) gemm_run<WideTile<T>>(g, A, B, epi, smem);
+    else gemm_run<LinearTile<T>>(g, A, B, epi, smem);
+  }
+}
 
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
-  using Cfg = GemmTileOf<T, D, OP>;
   const GemmShape g = gemm_shape<T, D, OP>(a);
   const int S = a.seq;
   const long long M = static_cast<long long>(a.batch) * S;
@@ -54,7 +76,7 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
     if constexpr (FUSE_NEXT) {  // + bias, then split into [3, B, heads, S, d]
       const T* bias = static_cast<const T*>(a.b_qkv);
       T* dst = static_cast<T*>(a.qkv_heads);
-      gemm_run<Cfg>(g, A, B, [=](int, int row, int col, float v0, float v1) {
+      gemm_dispatch<T, D, OP>(g, A, B, [=](int, int row, int col, float v0, float v1) {
         const int which = col / D::hidden, h = (col % D::hidden) / D::d, j = col % D::d;
         const int b = row / S, s = row % S;
         T* p = dst + which * heads_elems + ((static_cast<long long>(b) * D::heads + h) * S + s) * D::d + j;
@@ -62,7 +84,7 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       }, smem);
     } else {
       T* dst = static_cast<T*>(a.qkv);
-      gemm_run<Cfg>(g, A, B, [=](int, int row, int col, float v0, float v1) {
+      gemm_dispatch<T, D, OP>(g, A, B, [=](int, int row, int col, float v0, float v1) {
         store2(dst + static_cast<long long>(row) * 3 * D::hidden + col, v0, v1);
       }, smem);
     }
@@ -77,7 +99,7 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       T* dst = static_cast<T*>(a.scores_masked);
       const float scale = a.scale;
       const float* kb = a.key_bias;
-      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+      gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         const int b = bh / D::heads;
         const float k0 = kb ? kb[b * S + col] : 0.f, k1 = kb ? kb[b * S + col + 1] : 0.f;
         T* p = dst + bh * score_stride + static_cast<long long>(row) * pad + col;
@@ -86,7 +108,7 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       }, smem);
     } else {
       T* dst = static_cast<T*>(a.scores);
-      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+      gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         T* p = dst + bh * score_stride + static_cast<long long>(row) * pad + col;
         p[0] = from_f<T>(v0);
         if (col + 1 < S) p[1] = from_f<T>(v1);
@@ -100,13 +122,13 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
     const MatB<T> B{static_cast<const T*>(a.qkv_heads) + 2 * heads_elems, D::d, head_stride};
     if constexpr (FUSE_NEXT) {  // write merged heads [M, H] directly
       T* dst = static_cast<T*>(a.ctx);
-      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+      gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         const int b = bh / D::heads, h = bh % D::heads;
         store2(dst + (static_cast<long long>(b) * S + row) * D::hidden + h * D::d + col, v0, v1);
       }, smem);
     } else {
       T* dst = static_cast<T*>(a.ctx_heads);
-      gemm_run<Cfg>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
+      gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         store2(dst + bh * head_stride + static_cast<long long>(row) * D::d + col, v0, v1);
       }, smem);
     }
@@ -131,10 +153,10 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       }
     };
     if constexpr (OP == 7 && MERGE_PROLOGUE) {
-      gemm_run<Cfg>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem);
+      gemm_dispatch<T, D, OP>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem);
     } else {
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
-      gemm_run<Cfg>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem);
+      gemm_dispatch<T, D, OP>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem);
     }
   }
 }

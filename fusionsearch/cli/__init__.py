@@ -8,7 +8,7 @@ import sys
 from ..errors import FusionSearchError
 
 # Subcommand name → module under fusionsearch.cli that defines `register(subparsers)`.
-SUBCOMMANDS = ("translate", "bench", "predict", "search")
+SUBCOMMANDS = ("translate", "bench", "predict", "search", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
