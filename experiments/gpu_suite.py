@@ -46,10 +46,12 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--pytest-args", default="")
     parser.add_argument("--skip-builds", action="store_true", help="do not time cold/warm builds")
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
+    parser.add_argument("--cache", default=None, help="build cache to use (default: a fresh temporary folder)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     facts = device_facts()
-    cache = tempfile.mkdtemp(prefix="fs-cache-")
+    cache = args.cache or tempfile.mkdtemp(prefix="fs-cache-")
     builds = {}
     if not args.skip_builds:
         for dtype in ("fp16", "bf16"):
@@ -73,7 +75,7 @@ def main() -> int:
         cases.append({"name": case.get("name"), "time_s": float(case.get("time", 0)), "status": status})
     summary = {"date": dt.date.today().isoformat(), "device": facts, "builds": builds, "pytest_exit": code,
                "pytest_wall_s": wall, "tests": cases}
-    (args.out / "gpu-suite.json").write_text(json.dumps(summary, indent=1))
+    (args.out / f"gpu-suite{args.suffix}.json").write_text(json.dumps(summary, indent=1))
     counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
     lines = [f"# GPU test suite, {summary['date']}", "",
              f"Device: {facts['gpu']} (sm {facts['capability']}, {facts['sm_count']} SMs), torch {facts['torch']}, "
@@ -87,7 +89,7 @@ def main() -> int:
     lines += [f"pytest -m gpu: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
               f"{counts['skipped']} skipped in {wall:.0f} s (exit {code}).", "", "| test | status | s |", "|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
-    (args.out / f"gpu-tests-{summary['date']}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"gpu-tests-{summary['date']}{args.suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return code
 

@@ -24,8 +24,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    """Point FUSIONSEARCH_CACHE_DIR at an empty folder so no test reads or pollutes a real build cache."""
+def fresh_cache(request, tmp_path, monkeypatch):
+    """Point FUSIONSEARCH_CACHE_DIR at an empty folder so no test reads or pollutes a real build cache.
+    GPU tests share $FUSIONSEARCH_GPU_TEST_CACHE when it is set: a kernel library takes minutes to build."""
+    import os
+
+    shared = os.environ.get("FUSIONSEARCH_GPU_TEST_CACHE")
+    if shared and "gpu" in request.keywords:
+        monkeypatch.setenv("FUSIONSEARCH_CACHE_DIR", shared)
+        return shared
     path = tmp_path / "fusionsearch-cache"
     path.mkdir()
     monkeypatch.setenv("FUSIONSEARCH_CACHE_DIR", str(path))
