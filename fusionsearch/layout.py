@@ -9,7 +9,18 @@ INPUT_TENSORS = ("key_bias", "x", "w_qkv", "b_qkv", "w_o", "b_o", "ln1_w", "ln1_
                  "w_ffn1", "b_ffn1", "w_ffn2", "b_ffn2", "ln2_w", "ln2_b")
 OUTPUT_TENSORS = ("qkv", "qkv_heads", "scores", "scores_masked", "probs", "ctx_heads", "ctx", "attn_proj",
                   "attn_res", "attn_out", "ffn_pre", "ffn_act", "ffn_out", "ffn_res", "out")
-LAYER_TENSORS = INPUT_TENSORS + OUTPUT_TENSORS
+# Scratch that generated GEMMs use for split-K (see kernels/fs_gemm.cuh); allocated once per layer.
+WORKSPACE_TENSORS = ("splitk_partials", "splitk_counters")
+LAYER_TENSORS = INPUT_TENSORS + OUTPUT_TENSORS + WORKSPACE_TENSORS
+SPLITK_PARTIAL_FLOATS = 512 * 64 * 128  # kSplitKMaxWork × the 64×128 tile
+SPLITK_COUNTERS = 512
+
+
+def splitk_workspace(device) -> dict:
+    """Split-K scratch: fp32 partial tiles and zeroed arrival counters (the kernels keep them zeroed)."""
+    import torch
+    return {"splitk_partials": torch.empty(SPLITK_PARTIAL_FLOATS, device=device, dtype=torch.float32),
+            "splitk_counters": torch.zeros(SPLITK_COUNTERS, device=device, dtype=torch.int32)}
 SCORE_TENSORS = ("scores", "scores_masked", "probs")
 
 

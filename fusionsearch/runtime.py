@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .build import LibrarySpec, library_spec, load_library
-from .layout import LAYER_TENSORS, workspace_shape
+from .layout import LAYER_TENSORS, splitk_workspace, workspace_shape
 from .config import LayerConfig
 from .errors import ConfigError
 from .plan import Plan, Segment
@@ -89,6 +89,7 @@ class FusedEncoderLayer(nn.Module):
             self.register_buffer(name, params.tensors()[name].contiguous(), persistent=True)
         self.cuda_graphs = cuda_graphs
         self._workspaces: dict[tuple[int, int], dict] = {}
+        self._splitk = splitk_workspace(device)  # shared by every shape; one stream at a time
         self._graphs: dict[tuple, tuple] = {}
 
     @classmethod
@@ -141,6 +142,7 @@ class FusedEncoderLayer(nn.Module):
     def tensors_for(self, x: torch.Tensor, bias: "torch.Tensor | None", out: torch.Tensor) -> dict:
         batch, seq_len = int(x.shape[0]), int(x.shape[1])
         tensors = dict(self.workspace(batch, seq_len))
+        tensors.update(self._splitk)
         tensors.update({name: getattr(self, name) for name in TENSOR_NAMES})
         tensors["x"], tensors["out"] = x, out
         if bias is not None:

@@ -7,7 +7,7 @@ from .config import LayerConfig
 from .ops import OPS
 from .plan import Segment
 from .reference import ErrorBudget, error_budget, reference_forward, reference_layer, run_ops
-from .layout import SCORE_TENSORS, workspace_shape
+from .layout import SCORE_TENSORS, splitk_workspace, workspace_shape
 from .runtime import FusedEncoderLayer, KernelLibrary, key_bias, run_segment
 from .schedule import tensors_written
 from .weights import LayerWeights, torch_dtype
@@ -67,6 +67,7 @@ def verify_segment(library: KernelLibrary, segment: Segment, weights: LayerWeigh
     tensors = {name: t.contiguous() for name, t in w_low.tensors().items()}
     tensors["x"] = env_low["x"].contiguous()
     tensors["key_bias"] = key_bias(mask, cfg)
+    tensors.update(splitk_workspace(x.device))
     for op in OPS:
         buffer = torch.empty(workspace_shape(op.output, cfg), device=x.device, dtype=dtype)
         _fill(buffer, env_low[op.output], op.output)

@@ -35,6 +35,10 @@ struct LayerArgs {
   void* ffn_out;        // op 12 [M, H]
   void* ffn_res;        // op 13 [M, H]
   void* out;            // op 14 [M, H]
+  // Split-K scratch for GEMMs with few rows: fp32 partial tiles and one arrival counter per output tile
+  // (counters start at zero and the last arriving block resets its counter).
+  float* splitk_partials;
+  unsigned int* splitk_counters;
 };
 
 }  // namespace fs

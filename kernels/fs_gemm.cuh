@@ -24,6 +24,28 @@ template <class T> struct MatB {
   long long ld, batch_stride;
 };
 
+// Split-K for GEMMs with few rows: too few output tiles to fill the GPU and long K loops that are bound by
+// memory latency. Each tile's K range is split; every split stores its fp32 partial tile, and the last block
+// to arrive at the tile's counter adds them up and runs the epilogue (no grid barrier needed).
+constexpr int kSplitKMaxRows = 512;
+constexpr int kSplitKMaxWork = 512;          // tiles × splits; bounds the scratch buffer
+constexpr int kSplitKTargetWork = 264;       // about two blocks per SM of a 132-SM GPU
+constexpr int kSplitKMinTilesPerSplit = 4;   // k-tiles each split keeps at least
+
+struct SplitK {
+  float* partials;
+  unsigned int* counters;
+};
+
+__host__ __device__ inline int splitk_splits(const GemmShape& g, int tiles, int bk) {
+  if (g.M > kSplitKMaxRows || g.batch != 1) return 1;
+  int splits = ceil_div(kSplitKTargetWork, tiles);
+  const int by_k = ceil_div(g.K, bk) / kSplitKMinTilesPerSplit;
+  splits = splits < by_k ? splits : by_k;
+  splits = splits < kSplitKMaxWork / tiles ? splits : kSplitKMaxWork / tiles;
+  return splits > 1 ? splits : 1;
+}
+
 template <class T, int BM_, int BN_, int WARPS_M_, bool B_KMAJOR_, int STAGES_ = 3>
 struct GemmTile {
   static constexpr int BM = BM_, BN = BN_, BK = 32, STAGES = STAGES_, PAD = 8;
@@ -42,25 +64,34 @@ struct GemmTile {
   static __host__ __device__ int tiles(const GemmShape& g) {
     return ceil_div(g.M, BM) * ceil_div(g.N, BN) * g.batch;
   }
+  // Work items: output tiles times K splits.
+  static __host__ __device__ int work(const GemmShape& g) { return tiles(g) * splitk_splits(g, tiles(g), BK); }
 };
 
 template <class Cfg, class T, class ALoader, class Epi>
-__device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi, char* smem) {
+__device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi, char* smem,
+                         const SplitK& sk) {
   T* sA = reinterpret_cast<T*>(smem);
   T* sB = sA + Cfg::STAGES * Cfg::A_STAGE;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N;
   const int tiles_m = ceil_div(g.M, Cfg::BM), tiles_n = ceil_div(g.N, Cfg::BN);
   const int per_batch = tiles_m * tiles_n;
-  const int k_tiles = ceil_div(g.K, Cfg::BK);
+  const int all_k_tiles = ceil_div(g.K, Cfg::BK);
+  const int splits = splitk_splits(g, per_batch * g.batch, Cfg::BK);
+  const int k_per_split = ceil_div(all_k_tiles, splits);
+  __shared__ bool last_arrival;
 
-  for (int tile = blockIdx.x; tile < per_batch * g.batch; tile += gridDim.x) {
+  for (int item = blockIdx.x; item < per_batch * g.batch * splits; item += gridDim.x) {
+    const int tile = item / splits, split = item % splits;
+    const int kt_begin = split * k_per_split;
+    const int k_tiles = max(0, min(all_k_tiles - kt_begin, k_per_split));
     const int b = tile / per_batch, rest = tile % per_batch;
     // N varies fastest so that blocks running together share the rows of A.
     const int m0 = (rest / tiles_n) * Cfg::BM, n0 = (rest % tiles_n) * Cfg::BN;
 
     auto load_stage = [&](int stage, int kt) {
-      const int k0 = kt * Cfg::BK;
+      const int k0 = (kt_begin + kt) * Cfg::BK;
       T* a = sA + stage * Cfg::A_STAGE;
       for (int c = threadIdx.x; c < Cfg::BM * Cfg::BK / 8; c += kThreads) {
         const int row = c / (Cfg::BK / 8), kc = (c % (Cfg::BK / 8)) * 8;
@@ -138,6 +169,35 @@ __device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B,
     }
     cp_async_wait<0>();
     __syncthreads();  // the next tile's prologue reuses this shared memory
+
+    if (splits > 1) {
+      // Partials are stored in fragment order, so each thread later reads back exactly what it owns.
+      constexpr int kFrag = Cfg::MI * Cfg::NI * 4;
+      float* mine = sk.partials + (static_cast<long long>(tile) * splits + split) * kFrag * kThreads;
+#pragma unroll
+      for (int i = 0; i < Cfg::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::NI; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) __stcg(mine + ((i * Cfg::NI + j) * 4 + r) * kThreads + threadIdx.x, acc[i][j][r]);
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) last_arrival = atomicAdd(sk.counters + tile, 1u) == static_cast<unsigned>(splits - 1);
+      __syncthreads();
+      if (!last_arrival) continue;
+      __threadfence();
+      for (int other = 0; other < splits; ++other) {
+        if (other == split) continue;
+        const float* theirs = sk.partials + (static_cast<long long>(tile) * splits + other) * kFrag * kThreads;
+#pragma unroll
+        for (int i = 0; i < Cfg::MI; ++i)
+#pragma unroll
+          for (int j = 0; j < Cfg::NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] += __ldcg(theirs + ((i * Cfg::NI + j) * 4 + r) * kThreads + threadIdx.x);
+      }
+      if (threadIdx.x == 0) sk.counters[tile] = 0;  // ready for the next GEMM that uses this scratch
+    }
 
 #pragma unroll
     for (int mi = 0; mi < Cfg::MI; ++mi) {

@@ -44,7 +44,7 @@ template <class T, class D, int OP> __host__ __device__ inline bool wide_tiles(c
 }
 template <class T, class D, int OP> __host__ __device__ inline int gemm_op_work(const LayerArgs& a) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
-  return wide_tiles<T, D, OP>(g) ? WideTile<T>::tiles(g) : GemmTileOf<T, D, OP>::tiles(g);
+  return wide_tiles<T, D, OP>(g) ? WideTile<T>::work(g) : GemmTileOf<T, D, OP>::work(g);
 }
 template <class T, class D, int OP> constexpr int gemm_op_smem() {
   return (OP == 2 || OP == 5 || GemmTileOf<T, D, OP>::SMEM_BYTES > WideTile<T>::SMEM_BYTES)
@@ -54,18 +54,19 @@ template <class T, class D, int OP> constexpr int gemm_op_smem() {
 // Run the GEMM with the tile shape chosen for this problem size.
 template <class T, class D, int OP, class ALoader, class Epi>
 __device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
-                                              char* smem) {
+                                              char* smem, const SplitK& sk) {
   if constexpr (OP == 2 || OP == 5) {
-    gemm_run<GemmTileOf<T, D, OP>>(g, A, B, epi, smem);
+    gemm_run<GemmTileOf<T, D, OP>>(g, A, B, epi, smem, sk);
   } else {
-    if (wide_tiles<T, D, OP>(g)) gemm_run<WideTile<T>>(g, A, B, epi, smem);
-    else gemm_run<LinearTile<T>>(g, A, B, epi, smem);
+    if (wide_tiles<T, D, OP>(g)) gemm_run<WideTile<T>>(g, A, B, epi, smem, sk);
+    else gemm_run<LinearTile<T>>(g, A, B, epi, smem, sk);
   }
 }
 
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
+  const SplitK sk{a.splitk_partials, a.splitk_counters};
   const int S = a.seq;
   const long long M = static_cast<long long>(a.batch) * S;
   const long long heads_elems = M * D::hidden;  // one of Q, K, V in qkv_heads
@@ -81,12 +82,12 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
         const int b = row / S, s = row % S;
         T* p = dst + which * heads_elems + ((static_cast<long long>(b) * D::heads + h) * S + s) * D::d + j;
         store2(p, v0 + to_f(bias[col]), v1 + to_f(bias[col + 1]));
-      }, smem);
+      }, smem, sk);
     } else {
       T* dst = static_cast<T*>(a.qkv);
       gemm_dispatch<T, D, OP>(g, A, B, [=](int, int row, int col, float v0, float v1) {
         store2(dst + static_cast<long long>(row) * 3 * D::hidden + col, v0, v1);
-      }, smem);
+      }, smem, sk);
     }
   } else if constexpr (OP == 2) {
     const T* q = static_cast<const T*>(a.qkv_heads);
@@ -105,14 +106,14 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
         T* p = dst + bh * score_stride + static_cast<long long>(row) * pad + col;
         p[0] = from_f_sat<T>(v0 * scale + k0);
         if (col + 1 < S) p[1] = from_f_sat<T>(v1 * scale + k1);
-      }, smem);
+      }, smem, sk);
     } else {
       T* dst = static_cast<T*>(a.scores);
       gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         T* p = dst + bh * score_stride + static_cast<long long>(row) * pad + col;
         p[0] = from_f<T>(v0);
         if (col + 1 < S) p[1] = from_f<T>(v1);
-      }, smem);
+      }, smem, sk);
     }
   } else if constexpr (OP == 5) {
     const long long score_stride = static_cast<long long>(S) * a.seq_pad;
@@ -125,12 +126,12 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         const int b = bh / D::heads, h = bh % D::heads;
         store2(dst + (static_cast<long long>(b) * S + row) * D::hidden + h * D::d + col, v0, v1);
-      }, smem);
+      }, smem, sk);
     } else {
       T* dst = static_cast<T*>(a.ctx_heads);
       gemm_dispatch<T, D, OP>(g, A, B, [=](int bh, int row, int col, float v0, float v1) {
         store2(dst + bh * head_stride + static_cast<long long>(row) * D::d + col, v0, v1);
-      }, smem);
+      }, smem, sk);
     }
   } else {
     // The three [M, ·] linear layers share one shape of code.
@@ -153,10 +154,10 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       }
     };
     if constexpr (OP == 7 && MERGE_PROLOGUE) {
-      gemm_dispatch<T, D, OP>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem);
+      gemm_dispatch<T, D, OP>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem, sk);
     } else {
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
-      gemm_dispatch<T, D, OP>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem);
+      gemm_dispatch<T, D, OP>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
     }
   }
 }
