@@ -17,7 +17,7 @@ from gpu_support import library_for
 
 pytestmark = pytest.mark.gpu
 DTYPES = ("fp16", "bf16")
-PLAN_SHAPES = ((1, 32), (3, 97), (16, 128), (8, 512))
+PLAN_SHAPES = ((1, 32), (3, 97), (4, 128), (16, 128), (8, 512))  # 4x128: the most rows that use split-K
 
 
 def _weights(cfg):
