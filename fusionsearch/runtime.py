@@ -104,6 +104,17 @@ class FusedEncoderLayer(nn.Module):
         cfg = weights.config_for(1, 1, bert_layer.attention.self.num_attention_heads, dtype=dtype)
         return cls(plan, weights, cfg, **kwargs)
 
+    def set_plan(self, plan: Plan) -> None:
+        """Switch to another plan of the same library (sweeps reuse one layer and its buffers)."""
+        self.plan = plan
+        self.kernel_ids = [self.library.index(seg) for seg in plan.segments]
+        self._written = tensors_written(plan.segments)
+        for (batch, seq_len), buffers in self._workspaces.items():
+            cfg = self.cfg.with_shape(batch, seq_len)
+            for name in self._written - set(buffers) - {"out"}:
+                buffers[name] = torch.empty(workspace_shape(name, cfg), device=self.w_qkv.device, dtype=self.dtype)
+        self._graphs.clear()
+
     def workspace(self, batch: int, seq_len: int) -> dict:
         """Intermediate buffers of this plan for one shape, allocated once and reused."""
         key = (batch, seq_len)

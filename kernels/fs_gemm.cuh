@@ -186,15 +186,21 @@ __device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B,
       __syncthreads();
       if (!last_arrival) continue;
       __threadfence();
+      // Sum every split from memory in split order, so the result does not depend on which block came last.
+#pragma unroll
+      for (int i = 0; i < Cfg::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::NI; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
       for (int other = 0; other < splits; ++other) {
-        if (other == split) continue;
-        const float* theirs = sk.partials + (static_cast<long long>(tile) * splits + other) * kFrag * kThreads;
+        const float* part = sk.partials + (static_cast<long long>(tile) * splits + other) * kFrag * kThreads;
 #pragma unroll
         for (int i = 0; i < Cfg::MI; ++i)
 #pragma unroll
           for (int j = 0; j < Cfg::NI; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] += __ldcg(theirs + ((i * Cfg::NI + j) * 4 + r) * kThreads + threadIdx.x);
+            for (int r = 0; r < 4; ++r) acc[i][j][r] += __ldcg(part + ((i * Cfg::NI + j) * 4 + r) * kThreads + threadIdx.x);
       }
       if (threadIdx.x == 0) sk.counters[tile] = 0;  // ready for the next GEMM that uses this scratch
     }

@@ -1,0 +1,59 @@
+"""Sweep shapes on the GPU: plans (all canonical, or a seeded sample), every segment alone, PyTorch baselines
+and the measured ceilings, appended to one records file per shape.
+
+    PYTHONPATH=. python experiments/run_sweeps.py --out DIR --shapes 1x32 1x128 [--sample N] [--baselines ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+NAMED = {  # plans that others hard-code, always measured
+    "unfused": (set(range(1, 15)), False),
+    "bytetransformer": ({1, 7, 8, 10, 12, 13}, True),
+    "fastertransformer": ({1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13}, False),
+}
+DEFAULT_BASELINES = ["eager", "eager_graph", "sdpa_graph", "nn_fastpath", "hf_bert_graph"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shapes", nargs="+", required=True)
+    parser.add_argument("--sample", type=int, default=0, help="measure N random canonical plans (0: all 18,432)")
+    parser.add_argument("--baselines", nargs="*", default=DEFAULT_BASELINES)
+    parser.add_argument("--dtype", default="fp16")
+    args = parser.parse_args()
+    from fusionsearch import baselines, bench
+    from fusionsearch.config import LayerConfig, parse_shape
+    from fusionsearch.plan import Plan, enumerate_plans
+    from fusionsearch.sweep import sweep_plans, sweep_segments
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    ceilings = baselines.measure_ceilings(args.dtype)
+    (args.out / "ceilings.json").write_text(json.dumps(ceilings))
+    print("ceilings", ceilings, flush=True)
+    for shape in args.shapes:
+        batch, seq = parse_shape(shape)
+        cfg = LayerConfig(batch=batch, seq_len=seq, dtype=args.dtype)
+        path = args.out / f"sweep-{shape}-{args.dtype}.jsonl"
+        plans = list(enumerate_plans())
+        if args.sample:
+            plans = random.Random(f"{shape}-{args.sample}").sample(plans, args.sample)
+        plans = [Plan.from_cuts(c, attention=a) for c, a in NAMED.values()] + plans
+        start = time.perf_counter()
+        counts = sweep_plans(cfg, plans, path)
+        seconds = time.perf_counter() - start
+        segs = sweep_segments(cfg, path)
+        found = bench.measure_baselines(cfg, args.baselines, path, progress=False) if args.baselines else []
+        print(shape, "plans", counts, f"{seconds:.0f} s", "segments", segs,
+              "baselines", {r.get("baseline"): (r["latency_us"] or {}).get("median") for r in found}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
