@@ -1,4 +1,5 @@
 """Exported modules and patch(): import without fusionsearch, clear errors without CUDA, reports on CPU models."""
+import json
 import os
 import subprocess
 import sys
@@ -61,7 +62,18 @@ def test_export_cli_writes_a_module_and_rejects_bad_input(tmp_path, capsys):
     assert main(["export", "--mask", "70000", "-o", str(out)]) == 2
     assert main(["export", "--mask", "1", "-o", str(tmp_path / "not-a-name.py")]) == 2
     assert main(["export", "--from-search", str(tmp_path), "-o", str(out)]) == 2
-    assert "best_plan.json" in capsys.readouterr().err
+    assert "best.json" in capsys.readouterr().err
+
+
+def test_export_takes_the_best_plan_of_a_replayed_search(tmp_path, capsys):
+    from pathlib import Path
+    sweep = Path(__file__).parent / "fixtures" / "synthetic_sweep_8x128.jsonl.gz"
+    out = tmp_path / "search"
+    assert main(["search", "--shape", "8x128", "--replay", str(sweep), "--budget", "40", "--out", str(out)]) == 0
+    best = json.loads((out / "best.json").read_text())["best"]["mask"]
+    module = tmp_path / "searched.py"
+    assert main(["export", "--from-search", str(out), "--shape", "8x128", "-o", str(module)]) == 0
+    assert f"fusion plan mask {best}" in module.read_text()
 
 
 def _bert(layers=2, act="gelu"):

@@ -45,11 +45,13 @@ def _best_from_records(path: Path, cfg: LayerConfig) -> tuple[int, dict]:
 
 
 def _best_from_search(folder: Path) -> tuple[int, dict]:
-    path = folder / "best_plan.json"
+    path = folder / "best.json"
     if not path.exists():
-        raise FusionSearchError(f"{folder} has no best_plan.json; give the --out folder of `fusionsearch search`")
+        raise FusionSearchError(f"{folder} has no best.json; give the --out folder of `fusionsearch search`")
     data = json.loads(path.read_text())
-    return int(data["mask"]), {k: data[k] for k in ("gpu_name", "latency_us") if k in data}
+    best = data["best"]
+    return int(best["mask"]), {"latency_us": best.get("latency_us"), "search_shape": data["layer"]["shape"],
+                               "search_strategy": data.get("strategy")}
 
 
 def run(args) -> int:
