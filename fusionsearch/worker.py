@@ -578,17 +578,21 @@ class WorkerPool:
                 worker.retiring = not message[3]
                 yield request, message[2], worker.env
 
+    def _count_start_failure(self, worker: _Worker, what: str) -> None:
+        """One more failed start; past MAX_START_FAILURES close the pool and say what happened."""
+        worker.start_failures += 1
+        if worker.start_failures >= MAX_START_FAILURES:
+            self.close()
+            raise WorkerError(f"the worker for {worker.device} {what}")
+
     def _died(self, worker: _Worker) -> Iterator[tuple[Request, dict, dict]]:
         if worker.process is not None:
             worker.process.join(5)
         how = worker.exit_text()
         request, env = worker.request, worker.env
         if env is None:
-            worker.start_failures += 1
-            if worker.start_failures >= MAX_START_FAILURES:
-                self.close()
-                raise WorkerError(f"the worker for {worker.device} died {worker.start_failures} times before it "
-                                  f"was ready ({how}); check that torch imports and the device works there")
+            self._count_start_failure(worker, f"died {worker.start_failures + 1} times before it was ready ({how}); "
+                                              "check that torch imports and the device works there")
         self._restart(worker)
         if request is not None:
             yield request, failure(
@@ -599,11 +603,8 @@ class WorkerPool:
     def _timed_out(self, worker: _Worker) -> Iterator[tuple[Request, dict, dict]]:
         request, env = worker.request, worker.env
         if request is None:  # never became ready
-            worker.start_failures += 1
-            if worker.start_failures >= MAX_START_FAILURES:
-                self.close()
-                raise WorkerError(f"the worker for {worker.device} did not start within {STARTUP_TIMEOUT_S:g} s "
-                                  f"{worker.start_failures} times; check the device and the torch install")
+            self._count_start_failure(worker, f"did not start within {STARTUP_TIMEOUT_S:g} s "
+                                              f"{worker.start_failures + 1} times; check the device and the torch install")
             self._restart(worker)
             return
         phase = worker.phase

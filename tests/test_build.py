@@ -63,29 +63,30 @@ def _hold_lock(path, ready, release):
         release.wait(10)
 
 
-def test_lock_times_out_with_a_message_naming_the_lock(tmp_path):
-    path = tmp_path / "lib.lock"
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(path, ready, release))
-    holder.start()
-    try:
-        assert ready.wait(20)
-        with pytest.raises(BuildError, match=str(path)):
-            with file_lock(path, timeout_s=0.5):
-                pass
-    finally:
-        release.set()
-        holder.join(10)
-
-
-def test_lock_dies_with_its_holder(tmp_path):
+@pytest.fixture()
+def held_lock(tmp_path):
+    """A lock file held by another process until the test releases or kills it."""
     path = tmp_path / "lib.lock"
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(path, ready, release))
     holder.start()
     assert ready.wait(20)
+    yield path, holder
+    if holder.is_alive():  # a killed holder may die inside the Event's lock, so leave the Event alone then
+        release.set()
+    holder.join(10)
+
+
+def test_lock_times_out_with_a_message_naming_the_lock(held_lock):
+    path, _ = held_lock
+    with pytest.raises(BuildError, match=str(path)):
+        with file_lock(path, timeout_s=0.5):
+            pass
+
+
+def test_lock_dies_with_its_holder(held_lock):
+    path, holder = held_lock
     holder.kill()
     holder.join(10)
     with file_lock(path, timeout_s=2):
