@@ -1,6 +1,10 @@
 """Summarise recorded sweeps: best plan, spread, hard-coded plans, PyTorch baselines and the roofline floor.
 
-    PYTHONPATH=. python experiments/summarize_sweeps.py experiments/data/sweeps --out experiments/results/sweeps-h100
+    PYTHONPATH=. python experiments/summarize_sweeps.py experiments/data/sweeps --out experiments/results/sweeps-h100 \
+        [--remeasure experiments/data/remeasure]
+
+--remeasure names a folder of records files (same names as the sweeps) from a separate device run that timed a
+sample of plans, every segment and some baselines again; the summary compares them with the sweep.
 """
 from __future__ import annotations
 
@@ -58,7 +62,45 @@ def summarize(path: Path, ceilings: dict) -> dict:
     }
 
 
-def markdown(rows: list[dict], ceilings: dict, meta: dict) -> str:
+def compare_remeasure(sweep: Path, again: Path) -> dict:
+    """Per record kind: how far the separate run's medians are from the sweep's (same keys only)."""
+    from fusionsearch.records import load_frame
+
+    first, second = load_frame(sweep), load_frame(again)
+    out = {"run": str(second["time"].min()), "sweep_run": str(first["time"].min())}
+    for kind, key in (("plan", "canonical_id"), ("segment", "key"), ("baseline", "baseline")):
+        def medians(frame):
+            rows = frame[(frame["kind"] == kind) & (frame["status"] == "ok")]
+            return rows.groupby(key)["latency_us"].median()
+        ratio = (medians(second) / medians(first)).dropna()
+        if ratio.empty:
+            continue
+        deviation = (ratio - 1.0).abs()
+        worst = deviation.idxmax()
+        out[kind] = {"count": int(ratio.size), "median_ratio": float(ratio.median()),
+                     "median_abs_dev": float(deviation.median()), "within_2pct": float((deviation <= 0.02).mean()),
+                     "worst": {"key": str(int(worst)) if kind == "plan" else str(worst),
+                               "ratio": float(ratio[worst])}}
+    return out
+
+
+def remeasure_markdown(comparisons: dict) -> list[str]:
+    lines = ["", "## Re-measured in a separate run", "",
+             "A later device run (its own process, inputs and weights) timed a random sample of plans, every segment "
+             "and two baselines again; ratio = re-measured ÷ sweep median.", "",
+             "| B×S | kind | count | median ratio | median abs. deviation | within 2 % | worst (ratio) |",
+             "|---|---|---|---|---|---|---|"]
+    for shape, c in comparisons.items():
+        for kind in ("plan", "segment", "baseline"):
+            if kind in c:
+                k = c[kind]
+                lines.append(f"| {shape} | {kind} | {k['count']} | {k['median_ratio']:.4f} | "
+                             f"{k['median_abs_dev'] * 100:.2f} % | {k['within_2pct'] * 100:.0f} % | "
+                             f"{k['worst']['key']} ({k['worst']['ratio']:.3f}) |")
+    return lines
+
+
+def markdown(rows: list[dict], ceilings: dict, meta: dict, comparisons: dict | None = None) -> str:
     lines = ["# fp16 sweeps on the H100 (BERT-base: hidden 768, 12 heads, FF 3072)", "",
              f"GPU {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, template hash {meta['template_hash']}. "
              f"Measured ceilings in the same runs: {ceilings['peak_tflops']:.0f} TFLOP/s fp16 matmul (8192³), "
@@ -66,7 +108,8 @@ def markdown(rows: list[dict], ceilings: dict, meta: dict) -> str:
              "CUDA-graph replays with weights and inputs rotated past the L2; every plan was checked against the fp32 "
              "reference (NaN-poisoned outputs and intermediates) before it was timed.",
              "Commands: `experiments/run_sweeps.py` (records in `experiments/data/sweeps/`), this summary by "
-             "`experiments/summarize_sweeps.py`. torch.compile baselines were not measured in these runs (device time).", "",
+             "`experiments/summarize_sweeps.py`. A `nan` baseline was not measured at that shape (the torch.compile "
+             "baselines joined the sweep runs after the three small shapes were swept).", "",
              "| B×S | plans | best plan (mask) | best µs | best / median / worst µs | best PyTorch µs (which) | speed-up | floor µs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -98,6 +141,8 @@ def markdown(rows: list[dict], ceilings: dict, meta: dict) -> str:
                          f"{t['max_rel_diff'] * 100:.1f} %.")
     lines.append("")
     lines.append("Segments timed alone (for the segment DP): " + ", ".join(f"{r['shape']} {r['segments_ok']}" for r in rows) + ".")
+    if comparisons:
+        lines += remeasure_markdown(comparisons)
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +150,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="path stem for .md and .json")
+    parser.add_argument("--remeasure", type=Path, default=None, help="folder of records from a separate run")
     args = parser.parse_args()
     from fusionsearch.records import read_records
 
@@ -114,10 +160,18 @@ def main() -> int:
     first = next(read_records(files[SHAPE_ORDER[0]]))
     meta = {"gpu": first["gpu"]["name"], "torch": first["torch"], "cuda": first["cuda"],
             "template_hash": first["template_hash"]}
+    comparisons = {}
+    if args.remeasure:
+        for shape in SHAPE_ORDER:
+            again = sorted(args.remeasure.glob(f"sweep-{shape}-*.jsonl*"))
+            if again and shape in files:
+                comparisons[shape] = compare_remeasure(files[shape], again[0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "ceilings": ceilings, "shapes": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, ceilings, meta))
-    print(markdown(rows, ceilings, meta))
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "ceilings": ceilings, "shapes": rows,
+                                                         "remeasured": comparisons}, indent=1))
+    text = markdown(rows, ceilings, meta, comparisons)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 

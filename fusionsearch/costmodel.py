@@ -36,6 +36,15 @@ class CostModelError(FusionSearchError):
     """A cost model that cannot be trained, used or loaded (no data, unfitted, wrong file version)."""
 
 
+def require_xgboost() -> None:
+    """Fail before any GPU work when the cost model's library is missing, not after the first batch."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError as error:
+        raise CostModelError(f"xgboost cannot be imported ({error}); the cost model needs it: "
+                             "pip install 'xgboost>=2.1,<3.5' (a dependency of fusionsearch)") from None
+
+
 class CostModel(ABC):
     """The seam between search and learning: fit on records, predict latency of plans under one config."""
 

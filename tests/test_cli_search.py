@@ -143,3 +143,11 @@ def test_predict_refuses_a_missing_or_mismatched_model(capsys, model_path, tmp_p
     (tmp_path / "old.json").write_text(json.dumps(data))
     code, _, err = run_cli(capsys, "predict", "6826", "--shape", "8x128", "--model", tmp_path / "old.json")
     assert code == 2 and "schema 99" in err
+
+
+def test_search_without_xgboost_fails_before_measuring(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "xgboost", None)  # import xgboost now raises ImportError
+    code, out, err = run_cli(capsys, "search", "--shape", "8x128", "--replay", SWEEP, "--budget", 16, "--out",
+                             tmp_path)
+    assert code == 2 and "xgboost" in err and "pip install" in err
+    assert not (tmp_path / "search.json").exists()  # nothing ran

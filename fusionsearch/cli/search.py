@@ -114,10 +114,12 @@ def _progress(budget: int, initial: int):
 
 def run(args) -> int:
     from ..config import parse_shape
+    from ..costmodel import require_xgboost
     from ..search import SearchSpace, load_records, make_tuner, run_search
     from ..search.report import save_outputs, search_report
 
     _check_args(args)
+    require_xgboost()  # every strategy saves a cost model at the end
     batch, seq_len = parse_shape(args.shape)
     measurer, out = _measurer(args, batch, seq_len)
     cfg = measurer.cfg

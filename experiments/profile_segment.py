@@ -1,0 +1,47 @@
+"""Run one segment kernel inside a plan a few times, for a profiler to attach to (ncu -k regex:seg_AA_BB).
+
+    ncu --clock-control none -k regex:seg_10_11 -c 1 \
+        python experiments/profile_segment.py --shape 64x512 --segment 10-11 [--attention] [--dtype fp16]
+
+The plan cuts at every operator boundary outside the segment, so the other kernels only fill its inputs.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="64x512")
+    parser.add_argument("--segment", required=True, help="first-last operator, e.g. 10-11")
+    parser.add_argument("--attention", action="store_true", help="the segment holds the flash-attention stage")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from fusionsearch.config import LayerConfig, parse_shape
+    from fusionsearch.plan import Plan
+    from fusionsearch.runtime import FusedEncoderLayer, KernelLibrary
+    from fusionsearch.verify import random_inputs
+    from fusionsearch.weights import LayerWeights, torch_dtype
+
+    first, last = (int(v) for v in args.segment.split("-"))
+    batch, seq = parse_shape(args.shape)
+    cfg = LayerConfig(batch=batch, seq_len=seq, dtype=args.dtype)
+    plan = Plan.from_cuts(set(range(1, 15)) - set(range(first + 1, last + 1)), attention=args.attention)
+    library = KernelLibrary.get(cfg, plan.segments)
+    layer = FusedEncoderLayer(plan, LayerWeights.random(cfg, seed=0, device="cuda"), cfg, library=library)
+    x, mask = random_inputs(cfg, seed=1)
+    x = x.to(torch_dtype(args.dtype))
+    out = torch.empty_like(x)
+    for _ in range(args.runs):
+        layer.run_into(x, mask, out)
+    torch.cuda.synchronize()
+    print(f"ran {plan.describe()} {args.runs}× at {args.shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
