@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bert_models import bert_inputs, make_bert, time_model  # noqa: E402
+
 CLEAN_PROCESS_CHECK = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, sys.argv[1])
@@ -65,33 +68,6 @@ def clean_process_check(module_dir: Path) -> dict:
     if result.returncode:
         raise SystemExit("clean-process check failed:\n" + result.stderr[-4000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def bert_inputs(batch: int, seq: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 20000, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    for b in range(batch):
-        pad = (b * 29) % (seq // 2)
-        if pad:
-            mask[b, seq - pad:] = 0
-    return ids.cuda(), mask.cuda()
-
-
-def make_bert(dtype, attn="sdpa"):
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(attn_implementation=attn), add_pooling_layer=False).eval()
-    return model.to(device="cuda", dtype=dtype)
-
-
-def time_model(fn, graph: bool) -> dict:
-    from fusionsearch.timing import time_cuda_graph, time_eager
-    try:
-        return {"graph": graph, **(time_cuda_graph(fn) if graph else time_eager(fn))}
-    except Exception as error:  # capture can fail on host syncs inside a model; fall back and say so
-        return {"graph": False, "note": f"graph capture failed: {type(error).__name__}: {str(error)[:120]}",
-                **time_eager(fn)}
 
 
 def main() -> int:

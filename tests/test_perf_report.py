@@ -1,0 +1,63 @@
+"""experiments/perf_report.py on the CPU: the plans it reads, the report it writes, its argument errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fusionsearch.mask import decode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _perf_module():
+    path = ROOT / "experiments" / "perf_report.py"
+    spec = importlib.util.spec_from_file_location("perf_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _layer(shape, dtype, ours, baselines, goal):
+    stats = lambda m: {"median": m, "p20": m * 0.99, "p80": m * 1.01, "repeats": 7}  # noqa: E731
+    best = min(baselines, key=baselines.get)
+    return {"shape": shape, "dtype": dtype, "floor_us": 5.0, "goal_us": goal, "mask": 41108,
+            "plan": decode(41108).describe(), "ours": stats(ours),
+            "baselines": {n: stats(v) for n, v in baselines.items()}, "hard_fused": {},
+            "best_baseline": best, "speedup": baselines[best] / ours, "floor_share": 5.0 / ours}
+
+
+def test_best_masks_name_a_canonical_plan_for_every_committed_shape():
+    perf = _perf_module()
+    masks = perf.best_masks(ROOT / "experiments" / "results" / "sweeps-h100.json")
+    assert sorted(masks, key=perf.SHAPE_ORDER.index) == perf.SHAPE_ORDER
+    assert all(decode(m).canonical_id == m for m in masks.values())
+
+
+def test_markdown_reports_speedups_goals_and_the_end_to_end_table():
+    perf = _perf_module()
+    layers = [_layer("1x32", "fp16", 10.0, {"sdpa_graph": 40.0, "eager": 200.0}, 12),
+              _layer("16x128", "fp16", 100.0, {"sdpa_graph": 90.0}, 55)]
+    lat = lambda m: {"median": m, "p20": m, "p80": m}  # noqa: E731
+    e2e = [{"shape": "1x128", "mask": 41108, "patched_layers": 12,
+            "error_vs_fp32": {"patched": 1.4e-3, "hf_sdpa_fp16": 1.5e-3},
+            "latency_us": {"hf_sdpa_graph": lat(740.0), "torch_compile_graph": lat(570.0), "fused_graph": lat(500.0)}}]
+    report = {"meta": {"gpu": "GPU X", "torch": "t", "cuda": "c", "template_hash": "h", "time": "now"},
+              "dtypes": ["fp16"], "ceilings": {"fp16": {"peak_tflops": 750.0, "bandwidth_tbs": 2.4}},
+              "layers": layers, "e2e": e2e}
+    text = perf.markdown(report)
+    assert "4.00× (sdpa_graph)" in text and "0.90× (sdpa_graph)" in text
+    assert f"{perf.geomean([4.0, 0.9]):.2f}×" in text and "Goals met at: 1x32." in text
+    assert "| 1x128 | 500.0 (500.0–500.0) (41108) | 740.0" in text and "1.14×" in text
+
+
+def test_a_shape_without_a_recorded_best_plan_is_refused(tmp_path, capsys):
+    perf = _perf_module()
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps({"shapes": [{"shape": "1x32", "best": {"mask": 41108}}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        perf.main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--shapes", "1x32", "--e2e-shapes", "2x64"])
+    assert exit_info.value.code == 2
+    assert "no best plan for 2x64" in capsys.readouterr().err
