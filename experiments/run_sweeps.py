@@ -9,7 +9,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 NAMED = {  # plans that others hard-code, always measured
@@ -28,10 +27,10 @@ def main() -> int:
     parser.add_argument("--baselines", nargs="*", default=DEFAULT_BASELINES)
     parser.add_argument("--dtype", default="fp16")
     args = parser.parse_args()
-    from fusionsearch import baselines, bench
+    from fusionsearch import baselines
     from fusionsearch.config import LayerConfig, parse_shape
     from fusionsearch.plan import Plan, enumerate_plans
-    from fusionsearch.sweep import sweep_plans, sweep_segments
+    from fusionsearch.sweep import sweep_shape
 
     args.out.mkdir(parents=True, exist_ok=True)
     ceilings = baselines.measure_ceilings(args.dtype)
@@ -45,12 +44,9 @@ def main() -> int:
         if args.sample:
             plans = random.Random(f"{shape}-{args.sample}").sample(plans, args.sample)
         plans = [Plan.from_cuts(c, attention=a) for c, a in NAMED.values()] + plans
-        start = time.perf_counter()
-        counts = sweep_plans(cfg, plans, path)
-        seconds = time.perf_counter() - start
-        segs = sweep_segments(cfg, path)
-        found = bench.measure_baselines(cfg, args.baselines, path, progress=False) if args.baselines else []
-        print(shape, "plans", counts, f"{seconds:.0f} s", "segments", segs,
+        done = sweep_shape(cfg, path, plans=plans, baselines=args.baselines, progress=False)
+        found = [r for r in done.found if r["kind"] == "baseline"]
+        print(shape, "plans", done.plan_counts, f"{done.plan_seconds:.0f} s", "segments", done.segment_counts,
               "baselines", {r.get("baseline"): (r["latency_us"] or {}).get("median") for r in found}, flush=True)
     return 0
 

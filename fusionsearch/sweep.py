@@ -6,26 +6,33 @@ kernel library, the rotated weight/input sets, the buffers and the fp32 referenc
 each plan is then checked against the reference (outputs and intermediates NaN-poisoned) and timed with CUDA
 events over CUDA-graph replays. Records are appended and fsynced one by one, so a killed sweep resumes where
 it stopped. Every kernel was verified on fresh inputs by the GPU suite; here all plans share one input draw.
+
+No process boundary isolates a kernel here: a crashing kernel stops the sweep (its `started` record stays without
+a result). `sweep_shape` is the whole exhaustive sweep of one shape, as `fusionsearch bench --all` and
+experiments/run_sweeps.py run it: plans and segments here, then the PyTorch baselines in bench's workers.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
 from . import records, timing
 from .config import LayerConfig
-from .plan import Plan, Segment, all_segments
+from .plan import Plan, Segment, all_segments, enumerate_plans
 from .reference import error_budget, reference_forward
 from .runtime import FusedEncoderLayer, KernelLibrary, key_bias, run_segment
 from .verify import random_inputs, verify_segment
 from .weights import LayerWeights, torch_dtype
 from .worker import rotation_count
 
-SWEEP_TIMING = {"warmup": 1, "min_repeats": 7, "max_repeats": 7, "target_ms": 1.0}
+# Adaptive repeats: 7 samples while a sample is short, down to 3 once a plan runs for milliseconds (large shapes,
+# where the spread is a fraction of a percent), so an exhaustive sweep of a large shape stays within minutes.
+SWEEP_TIMING = {"warmup": 1, "min_repeats": 3, "max_repeats": 7, "target_ms": 5.0}
 
 
 class _Rig:
@@ -138,3 +145,49 @@ def sweep_segments(cfg: LayerConfig, path, *, seed: int = 0, resume: bool = True
             writer.write(records.make_record(segment, cfg, "ok", latency_us=stats, error=error, env=env))
             counts["ok"] = counts.get("ok", 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class ShapeSweep:
+    """What sweep_shape measured: counts by status, the plans' wall time, and one final record per item."""
+
+    plan_counts: dict
+    plan_seconds: float
+    segment_counts: dict
+    found: list[dict]  # plans in the order given, then segments, then baselines
+
+
+def sweep_shape(cfg: LayerConfig, path, *, plans: "Iterable[Plan] | None" = None,
+                baselines: "Iterable[str] | None" = None, device: "str | None" = None, seed: int = 0,
+                resume: bool = True, **worker_options) -> ShapeSweep:
+    """Every plan (all canonical ones unless `plans` is given) and every segment alone, in this process on
+    `device`, then the PyTorch baselines (None: the default set; empty: none) in workers on the same GPU, so
+    that all records of the shape share one GPU. `worker_options` go to bench.run_sweep (timeouts, progress)."""
+    from . import bench
+
+    device = _use_device(device)
+    plans = list(enumerate_plans()) if plans is None else list(plans)
+    start = time.perf_counter()
+    plan_counts = sweep_plans(cfg, plans, path, seed=seed, resume=resume)
+    plan_seconds = time.perf_counter() - start
+    segment_counts = sweep_segments(cfg, path, seed=seed, resume=resume)
+    names = None if baselines is None else list(baselines)
+    found_baselines = [] if names == [] else bench.measure_baselines(
+        cfg, names, path, devices=[device], resume=resume, **worker_options)
+    found = _final_records(cfg, path, plans + list(all_segments())) + found_baselines
+    return ShapeSweep(plan_counts, plan_seconds, segment_counts, found)
+
+
+def _use_device(device: "str | None") -> str:
+    """Make `device` (default: the current CUDA device) the one this process sweeps on; its 'cuda:I' name."""
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}"
+    torch.cuda.set_device(device)
+    return device
+
+
+def _final_records(cfg: LayerConfig, path, items: list) -> list[dict]:
+    """The last final record of each item in `path` from this GPU and templates (an item without one is left out)."""
+    latest = records.final_records(path, match=records.sweep_match(cfg, records.environment()))
+    keys = dict.fromkeys(records.key_of(item) for item in items)  # a plan given twice is reported once
+    return [latest[key] for key in keys if key in latest]

@@ -163,3 +163,41 @@ def test_bench_command_prints_the_speedup_over_the_best_baseline(tmp_path, capsy
     out = capsys.readouterr().out
     assert "speed-up" in out and "plan:6826" in out
     assert len([r for r in records.read_records(tmp_path / "r.jsonl") if r["kind"] != "started"]) == 3
+
+
+# ---------------------------------------------------------------- the exhaustive sweep, in process
+
+def test_sweep_shape_measures_plans_and_segments_here_and_baselines_in_workers(tmp_path):
+    from fusionsearch import sweep
+    from fusionsearch.plan import all_segments
+
+    path = tmp_path / "sweep.jsonl"
+    done = sweep.sweep_shape(CFG, path, plans=PLANS, baselines=["eager"], device="cuda:0", progress=False)
+    problems = [(r["key"], r["status"], r["message"]) for r in done.found if r["status"] != "ok"]
+    assert not problems, problems
+    assert [r["key"] for r in done.found] == [records.key_of(x) for x in PLANS + list(all_segments()) + ["eager"]]
+    assert done.plan_counts == {"skipped": 0, "ok": len(PLANS)} and done.segment_counts["ok"] == 150
+    assert len({r["gpu"]["name"] for r in done.found}) == 1  # baselines ran on the sweep's GPU
+    again = sweep.sweep_shape(CFG, path, plans=PLANS, baselines=["eager"], device="cuda:0", progress=False)
+    assert again.plan_counts == {"skipped": len(PLANS)} and again.segment_counts == {"skipped": 150}
+    assert [r["time"] for r in again.found] == [r["time"] for r in done.found]
+
+
+def test_bench_all_command_sweeps_in_process_and_resumes(tmp_path, capsys, monkeypatch):
+    from fusionsearch import sweep
+    from fusionsearch.cli import main
+
+    monkeypatch.setattr(sweep, "enumerate_plans", lambda: iter(PLANS))  # all 18,432 would take minutes
+    path = tmp_path / "r.jsonl"
+    args = ["bench", "--shape", "2x61", "--heads", "4", "--ffn", "1024", "--all", "--baselines", "eager",
+            "--records", str(path), "--no-floor"]
+    assert main(args + ["--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"plan": {"ok": len(PLANS)}, "segment": {"ok": 150}, "baseline": {"ok": 1}}
+    assert report["best"].startswith("plan:") and report["best_baseline"] == "eager"
+    assert report["speedup"] == pytest.approx(report["best_baseline_us"] / report["best_us"])
+    written = len(list(records.read_records(path)))
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and report["best"] in out
+    assert len(list(records.read_records(path))) == written  # resume measured nothing again
