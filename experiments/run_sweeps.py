@@ -11,12 +11,10 @@ import random
 import sys
 from pathlib import Path
 
-NAMED = {  # plans that others hard-code, always measured
-    "unfused": (set(range(1, 15)), False),
-    "bytetransformer": ({1, 7, 8, 10, 12, 13}, True),
-    "fastertransformer": ({1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13}, False),
-}
-DEFAULT_BASELINES = ["eager", "eager_graph", "sdpa_graph", "nn_fastpath", "hf_bert_graph"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summarize_sweeps import HARD_CODED  # noqa: E402  (plans that others hard-code, always measured)
+
+DEFAULT_BASELINES = ["eager", "eager_graph", "sdpa_graph", "nn_fastpath", "compile", "compile_graph", "hf_bert_graph"]
 
 
 def main() -> int:
@@ -43,7 +41,7 @@ def main() -> int:
         plans = list(enumerate_plans())
         if args.sample:
             plans = random.Random(f"{shape}-{args.sample}").sample(plans, args.sample)
-        plans = [Plan.from_cuts(c, attention=a) for c, a in NAMED.values()] + plans
+        plans = [Plan.from_cuts(c, attention=a) for c, a in HARD_CODED.values()] + plans
         done = sweep_shape(cfg, path, plans=plans, baselines=args.baselines, progress=False)
         found = [r for r in done.found if r["kind"] == "baseline"]
         print(shape, "plans", done.plan_counts, f"{done.plan_seconds:.0f} s", "segments", done.segment_counts,
