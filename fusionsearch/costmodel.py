@@ -1,8 +1,10 @@
 """Cost models: predict a plan's latency (µs) and the seed's high/low class from plan features.
 
-`XGBCostModel` regresses log-latency with XGBoost on top of the analytic estimate of `features` (the estimate is
-the base margin, so the trees learn log(latency / estimate); the estimate carries the scale to shapes the model
-never saw, the trees learn where the estimate is wrong).
+`XGBCostModel` regresses log-latency with XGBoost on top of a base margin, so the trees learn
+log(latency / margin). The margin is the segment latency model's sum over a plan's kernels (`segmodel.py`) when
+the training records hold segment measurements of three or more shapes (recorded sweeps do), else the analytic
+estimate of `features`. The margin carries the scale to shapes the model never saw; the trees learn where it is
+wrong.
 
 The high/low class (1 = the plan is among the fastest q % of its shape) is a threshold on the regression, not a
 separate classifier: a plan is high when its predicted latency is at most the q-th percentile of the predicted
@@ -25,8 +27,9 @@ from .config import LayerConfig
 from .errors import FusionSearchError
 from .features import ESTIMATE_COLUMN, FEATURE_SCHEMA, all_canonical_masks, feature_names, plan_features
 from .plan import Plan
+from .segmodel import SegmentLatencyModel, has_segment_shapes
 
-MODEL_SCHEMA = 1
+MODEL_SCHEMA = 2  # 2: optional segment latency model as the base margin
 MODEL_FORMAT = "fusionsearch-costmodel"
 SHAPE_COLUMNS = ("batch", "seq_len", "heads", "head_size", "ffn", "dtype")
 DEFAULT_Q = 10.0
@@ -124,7 +127,9 @@ def shape_groups(table: pd.DataFrame):
 
 
 class XGBCostModel(CostModel):
-    """Log-latency XGBoost regression over plan features with the analytic estimate as base margin."""
+    """Log-latency XGBoost regression over plan features on top of a base margin: the log of the segment latency
+    model's sum (segmodel.py) when the training records hold segment measurements of ≥ 3 shapes, else the
+    analytic estimate. The margin carries what transfers across shapes; the trees learn the rest."""
 
     DEFAULT_PARAMS = {"max_depth": 6, "eta": 0.15, "min_child_weight": 1.0, "lambda": 1.0, "subsample": 1.0,
                       "colsample_bytree": 1.0, "max_bin": 64, "tree_method": "hist",
@@ -139,6 +144,7 @@ class XGBCostModel(CostModel):
         self.params = {**self.DEFAULT_PARAMS, **params, "seed": self.seed}
         self.booster = None
         self.trained_on: list[dict] = []
+        self.segment_model: SegmentLatencyModel | None = None
 
     def fit(self, records: pd.DataFrame, failure_penalty: float | None = None,
             shape_weights: "dict[LayerConfig, float] | None" = None) -> "XGBCostModel":
@@ -149,12 +155,14 @@ class XGBCostModel(CostModel):
         if table.empty:
             raise CostModelError("no kind=plan records with status ok to train on; measure some plans first "
                                  "(fusionsearch search or bench) or pass a records file that holds them")
+        self.segment_model = SegmentLatencyModel.fit(records) if has_segment_shapes(records) else None
         features, target, margin, weight, shapes = [], [], [], [], []
         for cfg, rows in shape_groups(table):
             weight.append(np.full(len(rows), (shape_weights or {}).get(cfg, 1.0)))
-            x = plan_features(rows["canonical_id"].to_numpy(), cfg)
+            masks = rows["canonical_id"].to_numpy()
+            x = plan_features(masks, cfg)
             features.append(x)
-            margin.append(x[:, ESTIMATE_COLUMN])
+            margin.append(self._margin(x, masks, cfg))
             target.append(np.log(rows["latency_us"].to_numpy(dtype=np.float64)))
             shapes.append({**{c: getattr(cfg, c) for c in SHAPE_COLUMNS}, "plans": int((~rows["failed"]).sum()),
                            "failed_plans": int(rows["failed"].sum())})
@@ -167,18 +175,26 @@ class XGBCostModel(CostModel):
         self._thresholds.clear()
         return self
 
-    def predict_features(self, features: np.ndarray) -> np.ndarray:
-        """Predicted latency (µs) from a plan_features matrix; lets a search featurise its space once."""
+    def _margin(self, features: np.ndarray, masks: np.ndarray, cfg: LayerConfig) -> np.ndarray:
+        """log µs the trees start from: the segment model's sum, or the analytic estimate without one."""
+        if self.segment_model is None:
+            return features[:, ESTIMATE_COLUMN]
+        return np.log(self.segment_model.predict(masks, cfg))
+
+    def predict_features(self, features: np.ndarray, masks: np.ndarray, cfg: LayerConfig) -> np.ndarray:
+        """Predicted latency (µs) of `masks` under cfg from their plan_features rows (a search featurises its
+        space once and passes slices)."""
         import xgboost
 
         if self.booster is None:
             raise CostModelError("the cost model is not fitted; call fit(records) or load a saved model")
-        matrix = xgboost.DMatrix(features, base_margin=features[:, ESTIMATE_COLUMN], nthread=1)
+        matrix = xgboost.DMatrix(features, base_margin=self._margin(features, np.asarray(masks), cfg), nthread=1)
         return np.exp(self.booster.predict(matrix))
 
     def predict(self, plans: "Iterable[Plan | int] | np.ndarray", cfg: LayerConfig) -> np.ndarray:
         """Predicted latency in µs of each plan (or mask) under cfg."""
-        return self.predict_features(plan_features(plans, cfg))
+        masks = np.array([p.mask if isinstance(p, Plan) else int(p) for p in plans], dtype=np.int64)
+        return self.predict_features(plan_features(masks, cfg), masks, cfg)
 
     def default_config(self, batch: int, seq_len: int, dtype: str | None = None) -> LayerConfig:
         """A config of the given shape with the layer sizes (and dtype) the model was trained on."""
@@ -199,7 +215,8 @@ class XGBCostModel(CostModel):
             "feature_schema": FEATURE_SCHEMA, "feature_names": feature_names(),
             "xgboost_version": xgboost.__version__, "q": self.q, "seed": self.seed,
             "n_estimators": self.n_estimators, "params": self.params,
-            "target": "log(latency_us), base margin log_t_estimate_us",
+            "target": "log(latency_us), base margin: log of the segment model's sum, else log_t_estimate_us",
+            "segment_model": self.segment_model.to_json() if self.segment_model else None,
             "class_rule": f"high (1) iff predicted latency <= the {self.q:g}th percentile of predictions over all "
                           "canonical plans of the shape",
             "trained_on": self.trained_on,
@@ -253,6 +270,8 @@ class XGBCostModel(CostModel):
         model = cls(n_estimators=data["n_estimators"], seed=data["seed"], q=data["q"])
         model.params = dict(data["params"])
         model.trained_on = list(data.get("trained_on", []))
+        if data.get("segment_model"):
+            model.segment_model = SegmentLatencyModel.from_json(data["segment_model"], source)
         model.booster = xgboost.Booster()
         model.booster.load_model(bytearray(json.dumps(data["booster"]).encode()))
         return model

@@ -121,7 +121,7 @@ def test_fit_without_ok_plan_records_says_what_to_do(frame):
 def test_saved_model_loads_with_identical_predictions(model, tmp_path):
     path = model.save(tmp_path / "model.json")
     data = json.loads(path.read_text())
-    assert data["schema"] == 1 and data["xgboost_version"] == xgboost.__version__ and data["q"] == model.q
+    assert data["schema"] == 2 and data["xgboost_version"] == xgboost.__version__ and data["q"] == model.q
     assert data["feature_names"] == model.to_json()["feature_names"]
     loaded = XGBCostModel.load(path)
     masks = all_canonical_masks()[::13]
@@ -132,7 +132,7 @@ def test_saved_model_loads_with_identical_predictions(model, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"schema": 2}, "schema 2"),
+    ({"schema": 1}, "schema 1"),
     ({"feature_schema": 99}, "feature schema 99"),
     ({"feature_names": ["a", "b"]}, "retrain"),
     ({"xgboost_version": "99.0.0"}, "upgrade xgboost"),

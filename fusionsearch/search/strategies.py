@@ -110,21 +110,27 @@ class XGBTuner(Tuner):
         self.model = XGBCostModel(n_estimators=n_estimators, seed=seed)
         self.fitted = False
         self.warm = self._warm_rows(warm, warm_rows) if warm is not None else None
-        if self.warm is not None and not self.warm.empty:
+        if self.warm is not None and not (self.warm["kind"] == "plan").any():
+            self.warm = None  # segment records alone train no plan model
+        if self.warm is not None:
             self.name = "xgb_warm"
             self.model.fit(self.warm)
             self.fitted = True
 
     def _warm_rows(self, frame: pd.DataFrame, cap: int) -> pd.DataFrame:
-        """Other shapes' ok plan records, at most `cap` per shape (a seeded sample keeps refits fast)."""
-        rows = frame[(frame["kind"] == "plan") & (frame["status"] == "ok")]
+        """Other shapes' ok plan records, at most `cap` per shape (a seeded sample keeps refits fast), and all
+        their segment records (the cost model's segment latency model trains on those)."""
+        ok = frame[frame["status"] == "ok"]
+        segments = ok[ok["kind"] == "segment"]
+        segments = segments.drop(index=shape_rows(segments, self.space.cfg).index)
+        rows = ok[ok["kind"] == "plan"]
         own = shape_rows(rows, self.space.cfg)
         rows = rows.drop(index=own.index)
-        parts = []
+        parts = [segments]
         for _, group in rows.groupby(list(SHAPE_COLUMNS), sort=True):
             take = min(cap, len(group))
             parts.append(group.iloc[np.sort(self.rng.choice(len(group), take, replace=False))])
-        return pd.concat(parts) if parts else rows
+        return pd.concat(parts)
 
     def next_batch(self, size: int) -> list:
         pool = self.unvisited()
@@ -132,7 +138,7 @@ class XGBTuner(Tuner):
             return []
         if not self.fitted:
             return [int(m) for m in self.space.masks[self.rng.choice(pool, min(size, len(pool)), replace=False)]]
-        predicted = self.model.predict_features(self.space.features[pool])
+        predicted = self.model.predict_features(self.space.features[pool], self.space.masks[pool], self.space.cfg)
         order = pool[np.argsort(predicted, kind="stable")]
         explore = int(self.rng.binomial(size, self.epsilon))
         greedy = order[:max(size - explore, 0)]
