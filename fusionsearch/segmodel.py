@@ -77,10 +77,12 @@ class SegmentLatencyModel:
     @classmethod
     def fit(cls, records: pd.DataFrame) -> "SegmentLatencyModel":
         """Fit on kind=segment, status=ok records of ≥ MIN_SHAPES shapes of one layer size and dtype."""
+        from .costmodel import SHAPE_COLUMNS, layer_config  # costmodel imports this module
+
         rows = records[(records["kind"] == "segment") & (records["status"] == "ok")].dropna(subset=["latency_us"])
         keys = _segment_keys()
         rows = rows[rows["key"].isin(keys)]
-        shape_cols = ["batch", "seq_len", "heads", "head_size", "ffn", "dtype"]
+        shape_cols = list(SHAPE_COLUMNS)
         medians = rows.groupby([*shape_cols, "key"], sort=True)["latency_us"].median().reset_index()
         shapes = medians[shape_cols].drop_duplicates()
         if len(shapes) < MIN_SHAPES:
@@ -91,8 +93,7 @@ class SegmentLatencyModel:
             counts = pd.to_numeric(rows["gpu_sm_count"], errors="coerce")
             counts = counts[counts > 0]
             sm_count = int(counts.iloc[0]) if len(counts) else DEFAULT_SM_COUNT
-        configs = {tuple(r): LayerConfig(batch=int(r[0]), seq_len=int(r[1]), heads=int(r[2]), head_size=int(r[3]),
-                                         ffn=int(r[4]), dtype=str(r[5])) for r in shapes.itertuples(index=False)}
+        configs = {tuple(row): layer_config(dict(zip(shape_cols, row))) for row in shapes.itertuples(index=False)}
         segments = all_segments()
         weights = np.zeros((len(segments), 3))
         for key, group in medians.groupby("key", sort=False):
@@ -136,5 +137,7 @@ def has_segment_shapes(records: pd.DataFrame, minimum: int = MIN_SHAPES) -> bool
     """Whether records hold ok segment measurements of at least `minimum` shapes."""
     if "kind" not in records or records.empty:
         return False
+    from .costmodel import SHAPE_COLUMNS  # costmodel imports this module
+
     rows = records[(records["kind"] == "segment") & (records["status"] == "ok")]
-    return len(rows[["batch", "seq_len", "heads", "head_size", "ffn", "dtype"]].drop_duplicates()) >= minimum
+    return len(rows[list(SHAPE_COLUMNS)].drop_duplicates()) >= minimum
