@@ -159,10 +159,11 @@ class ShapeSweep:
 
 def sweep_shape(cfg: LayerConfig, path, *, plans: "Iterable[Plan] | None" = None,
                 baselines: "Iterable[str] | None" = None, device: "str | None" = None, seed: int = 0,
-                resume: bool = True, **worker_options) -> ShapeSweep:
-    """Every plan (all canonical ones unless `plans` is given) and every segment alone, in this process on
-    `device`, then the PyTorch baselines (None: the default set; empty: none) in workers on the same GPU, so
-    that all records of the shape share one GPU. `worker_options` go to bench.run_sweep (timeouts, progress)."""
+                resume: bool = True, segments: bool = True, **worker_options) -> ShapeSweep:
+    """Every plan (all canonical ones unless `plans` is given) and every segment alone (unless `segments` is
+    False), in this process on `device`, then the PyTorch baselines (None: the default set; empty: none) in
+    workers on the same GPU, so that all records of the shape share one GPU. `worker_options` go to
+    bench.run_sweep (timeouts, progress)."""
     from . import bench
 
     device = _use_device(device)
@@ -170,11 +171,11 @@ def sweep_shape(cfg: LayerConfig, path, *, plans: "Iterable[Plan] | None" = None
     start = time.perf_counter()
     plan_counts = sweep_plans(cfg, plans, path, seed=seed, resume=resume)
     plan_seconds = time.perf_counter() - start
-    segment_counts = sweep_segments(cfg, path, seed=seed, resume=resume)
+    segment_counts = sweep_segments(cfg, path, seed=seed, resume=resume) if segments else {}
     names = None if baselines is None else list(baselines)
     found_baselines = [] if names == [] else bench.measure_baselines(
         cfg, names, path, devices=[device], resume=resume, **worker_options)
-    found = _final_records(cfg, path, plans + list(all_segments())) + found_baselines
+    found = _final_records(cfg, path, plans + (list(all_segments()) if segments else [])) + found_baselines
     return ShapeSweep(plan_counts, plan_seconds, segment_counts, found)
 
 

@@ -267,3 +267,10 @@ def test_sweep_shape_with_no_baselines_measures_none_and_reports_each_plan_once(
     assert [r["key"] for r in done.found] == [records.key_of(p) for p in plans] + \
         [records.key_of(s) for s in all_segments()[:3]]
     assert done.segment_counts == {"skipped": 0, "ok": 3} and done.plan_seconds >= 0
+
+
+def test_sweep_shape_can_leave_the_segments_out(gpu, tmp_path):
+    plans = list(enumerate_plans())[:2]
+    done = sweep.sweep_shape(CFG, tmp_path / "r.jsonl", plans=plans, baselines=[], device="cuda:0", segments=False)
+    assert [r["key"] for r in done.found] == [records.key_of(p) for p in plans]
+    assert done.segment_counts == {}
