@@ -1,6 +1,6 @@
 // Flash-style attention (operators 2–5 in one stage): each block takes 128 query rows of one (batch, head),
-// streams 64-key tiles of K and V through shared memory (double-buffered cp.async), keeps an online softmax
-// in registers and never writes the S×S scores. Optionally stores merged heads (operator 6) directly.
+// streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async), keeps an
+// online softmax in registers and never writes the S×S scores. Optionally stores merged heads (operator 6).
 #pragma once
 #include "fs_common.cuh"
 
@@ -11,9 +11,12 @@ template <class D> struct FlashTile {
   static constexpr int BKV = 64;
   static constexpr int STRIDE = D::d + 8;  // padded rows for conflict-free ldmatrix
   static constexpr int SMEM_ELEMS = BQ * STRIDE + 4 * BKV * STRIDE;  // Q, 2×K, 2×V
+  static constexpr int BIAS_FLOATS = 2 * BKV;                         // 2× the tile's key-mask bias
 };
 
-template <class T, class D> constexpr int attention_smem() { return FlashTile<D>::SMEM_ELEMS * int(sizeof(T)); }
+template <class T, class D> constexpr int attention_smem() {
+  return FlashTile<D>::SMEM_ELEMS * int(sizeof(T)) + FlashTile<D>::BIAS_FLOATS * int(sizeof(float));
+}
 
 template <class T, class D> __host__ __device__ inline int attention_work(const LayerArgs& a) {
   return a.batch * D::heads * ceil_div(a.seq, FlashTile<D>::BQ);
@@ -26,6 +29,9 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + F::BQ * F::STRIDE;
   T* sV = sK + 2 * F::BKV * F::STRIDE;
+  // The key-mask bias of each tile is staged in shared memory with K and V: the inner loop used to read it from
+  // global memory, 32 loads per thread per tile, and waiting on those was the kernel's largest stall (ncu).
+  float* sBias = reinterpret_cast<float*>(sV + 2 * F::BKV * F::STRIDE);
   const int S = a.seq, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long M = static_cast<long long>(a.batch) * S;
   const T* Q = static_cast<const T*>(a.qkv_heads);
@@ -45,9 +51,19 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
         cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + static_cast<long long>(row0 + r) * D::d + col : src, ok);
       }
     };
+    // Keys past S, and every key without a mask, get a zero-filled bias (past S is masked below).
+    auto load_bias = [&](float* dst, int key0) {
+      if (threadIdx.x < F::BKV) {
+        const int key = key0 + threadIdx.x;
+        const bool ok = a.key_bias != nullptr && key < S;
+        cp_async4(dst + threadIdx.x, ok ? static_cast<const void*>(a.key_bias + b * S + key) : static_cast<const void*>(Q),
+                  ok);
+      }
+    };
     load_rows(sQ, Q, q0, F::BQ);
     load_rows(sK, K, 0, F::BKV);
     load_rows(sV, V, 0, F::BKV);
+    load_bias(sBias, 0);
     cp_async_commit();
 
     uint32_t qf[DK][4];
@@ -63,6 +79,7 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
         const int nb = (kv + 1) % 2;
         load_rows(sK + nb * F::BKV * F::STRIDE, K, (kv + 1) * F::BKV, F::BKV);
         load_rows(sV + nb * F::BKV * F::STRIDE, V, (kv + 1) * F::BKV, F::BKV);
+        load_bias(sBias + nb * F::BKV, (kv + 1) * F::BKV);
       }
       cp_async_commit();
       if (kv == 0) {
@@ -72,6 +89,7 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
       }
       const T* k_tile = sK + (kv % 2) * F::BKV * F::STRIDE;
       const T* v_tile = sV + (kv % 2) * F::BKV * F::STRIDE;
+      const float* bias_tile = sBias + (kv % 2) * F::BKV;
 
       float s[F::BKV / 8][4];
 #pragma unroll
@@ -87,18 +105,16 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
           mma16816<T>(s[2 * nj + 1], qf[kk], b1);
         }
 
-      // Scale into the log2 domain and add the key mask; keys past S get -inf (zero probability).
+      // Scale into the log2 domain and add the key mask; keys past S get -inf (zero probability). The mask's
+      // lowest float stays finite after ×log2e, so a fully masked row still gives a uniform softmax.
       float tile_max[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
       for (int n = 0; n < F::BKV / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = kv * F::BKV + n * 8 + (lane % 4) * 2 + (e & 1);
+          const int col = n * 8 + (lane % 4) * 2 + (e & 1);
           float t = -INFINITY;
-          if (key < S) {
-            const float kb = a.key_bias ? fmaxf(a.key_bias[b * S + key] * kLog2e, -FLT_MAX) : 0.f;
-            t = s[n][e] * scale_log2 + kb;
-          }
+          if (kv * F::BKV + col < S) t = s[n][e] * scale_log2 + fmaxf(bias_tile[col] * kLog2e, -FLT_MAX);
           s[n][e] = t;
           tile_max[e / 2] = fmaxf(tile_max[e / 2], t);
         }
@@ -108,7 +124,7 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
         const float m_new = fmaxf(m_run[r], tile_max[r]);
-        corr[r] = exp2f(m_run[r] - m_new);
+        corr[r] = fast_exp2(m_run[r] - m_new);
         m_run[r] = m_new;
       }
       float row_sum[2] = {0.f, 0.f};
@@ -116,7 +132,7 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
       for (int n = 0; n < F::BKV / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[n][e] = exp2f(s[n][e] - m_run[e / 2]);
+          s[n][e] = fast_exp2(s[n][e] - m_run[e / 2]);
           row_sum[e / 2] += s[n][e];
         }
 #pragma unroll
