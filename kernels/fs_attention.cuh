@@ -1,7 +1,10 @@
 // Flash-style attention (operators 2–5 in one stage): each block takes 128 query rows of one (batch, head),
 // streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async), keeps an
 // online softmax in registers and never writes the S×S scores. Optionally stores merged heads (operator 6).
+// A persistent block walks its items as one stream of key tiles, prefetching across item boundaries.
 #pragma once
+#include <type_traits>
+
 #include "fs_common.cuh"
 
 namespace fs {
@@ -10,8 +13,8 @@ template <class D> struct FlashTile {
   static constexpr int BQ = 16 * kWarps;  // 16 query rows per warp
   static constexpr int BKV = 64;
   static constexpr int STRIDE = D::d + 8;  // padded rows for conflict-free ldmatrix
-  static constexpr int SMEM_ELEMS = BQ * STRIDE + 4 * BKV * STRIDE;  // Q, 2×K, 2×V
-  static constexpr int BIAS_FLOATS = 2 * BKV;                         // 2× the tile's key-mask bias
+  static constexpr int SMEM_ELEMS = 2 * BQ * STRIDE + 4 * BKV * STRIDE;  // Q, 2×K, 2×V, output staging
+  static constexpr int BIAS_FLOATS = 2 * BKV;  // 2× the tile's key-mask bias
 };
 
 template <class T, class D> constexpr int attention_smem() {
@@ -29,9 +32,11 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + F::BQ * F::STRIDE;
   T* sV = sK + 2 * F::BKV * F::STRIDE;
-  // The key-mask bias of each tile is staged in shared memory with K and V: the inner loop used to read it from
-  // global memory, 32 loads per thread per tile, and waiting on those was the kernel's largest stall (ncu).
-  float* sBias = reinterpret_cast<float*>(sV + 2 * F::BKV * F::STRIDE);
+  T* sO = sV + 2 * F::BKV * F::STRIDE;  // each warp stages its 16 output rows for whole 16-byte stores
+  // The key-mask bias of each tile is staged in shared memory with K and V: reading it from global memory in the
+  // inner loop was the kernel's largest stall (ncu). Each staging thread turns its own element into the log2
+  // domain once, so the inner loop is one FFMA per score with no bounds checks.
+  float* sBias = reinterpret_cast<float*>(sO + F::BQ * F::STRIDE);
   const int S = a.seq, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long M = static_cast<long long>(a.batch) * S;
   const T* Q = static_cast<const T*>(a.qkv_heads);
@@ -39,148 +44,172 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
   const T* V = K + M * D::hidden;
   const float scale_log2 = a.scale * kLog2e;
   const int q_tiles = ceil_div(S, F::BQ), kv_tiles = ceil_div(S, F::BKV);
+  const int items = a.batch * D::heads * q_tiles;
 
-  for (int item = blockIdx.x; item < a.batch * D::heads * q_tiles; item += gridDim.x) {
-    const int bh = item / q_tiles, q0 = (item % q_tiles) * F::BQ, b = bh / D::heads, h = bh % D::heads;
-    const long long head_off = static_cast<long long>(bh) * S * D::d;
-
-    auto load_rows = [&](T* dst, const T* src, int row0, int rows) {
-      for (int c = threadIdx.x; c < rows * (D::d / 8); c += kThreads) {
-        const int r = c / (D::d / 8), col = (c % (D::d / 8)) * 8;
-        const bool ok = row0 + r < S;
-        cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + static_cast<long long>(row0 + r) * D::d + col : src, ok);
-      }
-    };
-    // Keys past S, and every key without a mask, get a zero-filled bias (past S is masked below).
-    auto load_bias = [&](float* dst, int key0) {
-      if (threadIdx.x < F::BKV) {
-        const int key = key0 + threadIdx.x;
-        const bool ok = a.key_bias != nullptr && key < S;
-        cp_async4(dst + threadIdx.x, ok ? static_cast<const void*>(a.key_bias + b * S + key) : static_cast<const void*>(Q),
-                  ok);
-      }
-    };
-    load_rows(sQ, Q, q0, F::BQ);
-    load_rows(sK, K, 0, F::BKV);
-    load_rows(sV, V, 0, F::BKV);
-    load_bias(sBias, 0);
-    cp_async_commit();
-
-    uint32_t qf[DK][4];
-    float o[D::d / 8][4];
+  auto head_offset = [&](int item) { return static_cast<long long>(item / q_tiles) * S * D::d; };
+  auto load_rows = [&](T* dst, const T* src, long long head_off, int row0, auto rows_tag) {
+    constexpr int rows = decltype(rows_tag)::value;
+    static_assert(rows * (D::d / 8) % kThreads == 0, "16-byte chunks split evenly over the block");
 #pragma unroll
-    for (int n = 0; n < D::d / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m_run[2] = {-FLT_MAX, -FLT_MAX}, l_run[2] = {0.f, 0.f};  // rows lane/4 and lane/4 + 8
+    for (int i = 0; i < rows * (D::d / 8) / kThreads; ++i) {
+      const int c = i * kThreads + threadIdx.x, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8;
+      const bool ok = row0 + r < S;
+      cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + static_cast<long long>(row0 + r) * D::d + col : src, ok);
+    }
+  };
+  // K, V and the raw key-mask bias of key tile kv of item into buffer buf; zero-filled past S or without a mask.
+  auto load_kv = [&](int item, int kv, int buf) {
+    const long long head_off = head_offset(item);
+    load_rows(sK + buf * F::BKV * F::STRIDE, K, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
+    load_rows(sV + buf * F::BKV * F::STRIDE, V, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
+    if (threadIdx.x < F::BKV) {
+      const int key = kv * F::BKV + threadIdx.x, b = item / q_tiles / D::heads;
+      const bool ok = a.key_bias != nullptr && key < S;
+      cp_async4(sBias + buf * F::BKV + threadIdx.x,
+                ok ? static_cast<const void*>(a.key_bias + static_cast<long long>(b) * S + key) : static_cast<const void*>(Q), ok);
+    }
+  };
 
-    for (int kv = 0; kv < kv_tiles; ++kv) {
-      cp_async_wait<0>();
-      __syncthreads();  // tile kv is in; everyone is done with tile kv-1's buffer
-      if (kv + 1 < kv_tiles) {
-        const int nb = (kv + 1) % 2;
-        load_rows(sK + nb * F::BKV * F::STRIDE, K, (kv + 1) * F::BKV, F::BKV);
-        load_rows(sV + nb * F::BKV * F::STRIDE, V, (kv + 1) * F::BKV, F::BKV);
-        load_bias(sBias + nb * F::BKV, (kv + 1) * F::BKV);
-      }
-      cp_async_commit();
-      if (kv == 0) {
-#pragma unroll
-        for (int kk = 0; kk < DK; ++kk)
-          ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * F::STRIDE + kk * 16 + (lane / 16) * 8);
-      }
-      const T* k_tile = sK + (kv % 2) * F::BKV * F::STRIDE;
-      const T* v_tile = sV + (kv % 2) * F::BKV * F::STRIDE;
-      const float* bias_tile = sBias + (kv % 2) * F::BKV;
+  // One flat stream of (item, key tile) steps per block: the last tile of an item prefetches the first tile and
+  // the queries of the next, so a persistent block never waits on a cold load between items.
+  int item = blockIdx.x, kv = 0, buf = 0;
+  if (item >= items) return;
+  load_rows(sQ, Q, head_offset(item), (item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
+  load_kv(item, 0, 0);
+  cp_async_commit();
 
-      float s[F::BKV / 8][4];
-#pragma unroll
-      for (int n = 0; n < F::BKV / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+  uint32_t qf[DK][4];
+  float o[D::d / 8][4];
+  float m_run[2], l_run[2];  // rows lane/4 and lane/4 + 8
+  while (true) {
+    cp_async_wait<0>();
+    if (threadIdx.x < F::BKV) {
+      // Keys past S get -inf (zero probability). The mask's lowest float stays finite after ×log2e, so a fully
+      // masked row still gives a uniform softmax, as the reference does.
+      float* bias = sBias + buf * F::BKV + threadIdx.x;
+      *bias = kv * F::BKV + static_cast<int>(threadIdx.x) < S ? fmaxf(*bias * kLog2e, -FLT_MAX) : -INFINITY;
+    }
+    __syncthreads();  // this step's tile is in; everyone is done with the other buffer
+    if (kv == 0) {
 #pragma unroll
       for (int kk = 0; kk < DK; ++kk)
+        ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * F::STRIDE + kk * 16 + (lane / 16) * 8);
 #pragma unroll
-        for (int nj = 0; nj < F::BKV / 16; ++nj) {
-          uint32_t r[4];
-          ldmatrix_x4(r, k_tile + (nj * 16 + lane % 8 + (lane / 16) * 8) * F::STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
-          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-          mma16816<T>(s[2 * nj], qf[kk], b0);
-          mma16816<T>(s[2 * nj + 1], qf[kk], b1);
-        }
+      for (int n = 0; n < D::d / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+      m_run[0] = m_run[1] = -FLT_MAX;
+      l_run[0] = l_run[1] = 0.f;
+    }
+    const bool last_tile = kv + 1 == kv_tiles;
+    const int next_item = last_tile ? item + gridDim.x : item, next_kv = last_tile ? 0 : kv + 1;
+    if (next_item < items) {
+      if (last_tile) {
+        if (kv == 0) __syncthreads();  // one key tile per item: every warp must hold its queries before sQ refills
+        load_rows(sQ, Q, head_offset(next_item), (next_item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
+      }
+      load_kv(next_item, next_kv, buf ^ 1);
+    }
+    cp_async_commit();
 
-      // Scale into the log2 domain and add the key mask; keys past S get -inf (zero probability). The mask's
-      // lowest float stays finite after ×log2e, so a fully masked row still gives a uniform softmax.
-      float tile_max[2] = {-FLT_MAX, -FLT_MAX};
+    const T* k_tile = sK + buf * F::BKV * F::STRIDE;
+    const T* v_tile = sV + buf * F::BKV * F::STRIDE;
+    const float* bias_tile = sBias + buf * F::BKV;
+    float s[F::BKV / 8][4];
 #pragma unroll
-      for (int n = 0; n < F::BKV / 8; ++n)
+    for (int n = 0; n < F::BKV / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e & 1);
-          float t = -INFINITY;
-          if (kv * F::BKV + col < S) t = s[n][e] * scale_log2 + fmaxf(bias_tile[col] * kLog2e, -FLT_MAX);
-          s[n][e] = t;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], t);
-        }
-      float corr[2];
+    for (int kk = 0; kk < DK; ++kk)
+#pragma unroll
+      for (int nj = 0; nj < F::BKV / 16; ++nj) {
+        uint32_t r[4];
+        ldmatrix_x4(r, k_tile + (nj * 16 + lane % 8 + (lane / 16) * 8) * F::STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma16816<T>(s[2 * nj], qf[kk], b0);
+        mma16816<T>(s[2 * nj + 1], qf[kk], b1);
+      }
+
+    // Scores into the log2 domain plus the staged bias, then the online softmax.
+    float tile_max[2] = {-FLT_MAX, -FLT_MAX};
+#pragma unroll
+    for (int n = 0; n < F::BKV / 8; ++n) {
+      const float2 bias = *reinterpret_cast<const float2*>(bias_tile + n * 8 + (lane % 4) * 2);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = fmaf(s[n][e], scale_log2, e & 1 ? bias.y : bias.x);
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = fmaxf(m_run[r], tile_max[r]);
+      corr[r] = fast_exp2(m_run[r] - m_new);
+      m_run[r] = m_new;
+    }
+    float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < F::BKV / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = fast_exp2(s[n][e] - m_run[e / 2]);
+        row_sum[e / 2] += s[n][e];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * corr[r] + row_sum[r];
+#pragma unroll
+    for (int n = 0; n < D::d / 8; ++n) {
+      o[n][0] *= corr[0]; o[n][1] *= corr[0];
+      o[n][2] *= corr[1]; o[n][3] *= corr[1];
+    }
+
+    // O += P·V: the score accumulators are already laid out as A fragments.
+#pragma unroll
+    for (int kk = 0; kk < F::BKV / 16; ++kk) {
+      const uint32_t pf[4] = {pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nj = 0; nj < D::d / 16; ++nj) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, v_tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * F::STRIDE + nj * 16 + (lane / 16) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma16816<T>(o[2 * nj], pf, b0);
+        mma16816<T>(o[2 * nj + 1], pf, b1);
+      }
+    }
+
+    if (last_tile) {
+      // Row sums are split across the four lanes of a quad; each warp stages its rows for 16-byte stores.
+      T* staged = sO + warp * 16 * F::STRIDE;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float m_new = fmaxf(m_run[r], tile_max[r]);
-        corr[r] = fast_exp2(m_run[r] - m_new);
-        m_run[r] = m_new;
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = 1.f / l;
+#pragma unroll
+        for (int n = 0; n < D::d / 8; ++n)
+          store2(staged + (lane / 4 + r * 8) * F::STRIDE + n * 8 + (lane % 4) * 2, o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
       }
-      float row_sum[2] = {0.f, 0.f};
+      __syncwarp();
+      const int bh = item / q_tiles, b = bh / D::heads, h = bh % D::heads;
+      const int row0 = (item % q_tiles) * F::BQ + warp * 16;
 #pragma unroll
-      for (int n = 0; n < F::BKV / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] = fast_exp2(s[n][e] - m_run[e / 2]);
-          row_sum[e / 2] += s[n][e];
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * corr[r] + row_sum[r];
-#pragma unroll
-      for (int n = 0; n < D::d / 8; ++n) {
-        o[n][0] *= corr[0]; o[n][1] *= corr[0];
-        o[n][2] *= corr[1]; o[n][3] *= corr[1];
-      }
-
-      // O += P·V: the score accumulators are already laid out as A fragments.
-#pragma unroll
-      for (int kk = 0; kk < F::BKV / 16; ++kk) {
-        const uint32_t pf[4] = {pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
-                                pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int nj = 0; nj < D::d / 16; ++nj) {
-          uint32_t r[4];
-          ldmatrix_x4_trans(r, v_tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * F::STRIDE + nj * 16 + (lane / 16) * 8);
-          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-          mma16816<T>(o[2 * nj], pf, b0);
-          mma16816<T>(o[2 * nj + 1], pf, b1);
-        }
-      }
-    }
-
-    // Row sums are split across the four lanes of a quad.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int q = q0 + warp * 16 + lane / 4 + r * 8;
-      if (q >= S) continue;
-      const float inv = 1.f / l_run[r];
-#pragma unroll
-      for (int n = 0; n < D::d / 8; ++n) {
-        const int col = n * 8 + (lane % 4) * 2;
+      for (int i = 0; i < 16 * (D::d / 8) / 32; ++i) {
+        const int c = i * 32 + lane, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8, q = row0 + r;
+        if (q >= S) continue;
         T* dst = MERGE_HEADS
             ? static_cast<T*>(a.ctx) + (static_cast<long long>(b) * S + q) * D::hidden + h * D::d + col
-            : static_cast<T*>(a.ctx_heads) + head_off + static_cast<long long>(q) * D::d + col;
-        store2(dst, o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            : static_cast<T*>(a.ctx_heads) + head_offset(item) + static_cast<long long>(q) * D::d + col;
+        *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(staged + r * F::STRIDE + col);
       }
+      __syncwarp();  // the next item's rows overwrite this staging area
     }
-    __syncthreads();  // the next item reloads sQ and the K/V buffers
+    if (next_item >= items) break;
+    item = next_item;
+    kv = next_kv;
+    buf ^= 1;
   }
 }
 
