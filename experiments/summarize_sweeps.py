@@ -1,10 +1,12 @@
 """Summarise recorded sweeps: best plan, spread, hard-coded plans, PyTorch baselines and the roofline floor.
 
     PYTHONPATH=. python experiments/summarize_sweeps.py experiments/data/sweeps --out experiments/results/sweeps-h100 \
-        [--remeasure experiments/data/remeasure]
+        [--remeasure experiments/data/remeasure] [--baselines-again experiments/data/perf-h100]
 
 --remeasure names a folder of records files (same names as the sweeps) from a separate device run that timed a
 sample of plans, every segment and some baselines again; the summary compares them with the sweep.
+--baselines-again names the performance report's records (records-<shape>-fp16.jsonl*), whose PyTorch baselines
+are compared with the sweep's (its plans ran on other kernels, so only the baselines are comparable).
 """
 from __future__ import annotations
 
@@ -62,13 +64,16 @@ def summarize(path: Path, ceilings: dict) -> dict:
     }
 
 
-def compare_remeasure(sweep: Path, again: Path) -> dict:
+KINDS = (("plan", "canonical_id"), ("segment", "key"), ("baseline", "baseline"))
+
+
+def compare_remeasure(sweep: Path, again: Path, kinds: tuple[str, ...] = ("plan", "segment", "baseline")) -> dict:
     """Per record kind: how far the separate run's medians are from the sweep's (same keys only)."""
     from fusionsearch.records import load_frame
 
     first, second = load_frame(sweep), load_frame(again)
     out = {"run": str(second["time"].min()), "sweep_run": str(first["time"].min())}
-    for kind, key in (("plan", "canonical_id"), ("segment", "key"), ("baseline", "baseline")):
+    for kind, key in (pair for pair in KINDS if pair[0] in kinds):
         def medians(frame):
             rows = frame[(frame["kind"] == kind) & (frame["status"] == "ok")]
             return rows.groupby(key)["latency_us"].median()
@@ -84,10 +89,32 @@ def compare_remeasure(sweep: Path, again: Path) -> dict:
     return out
 
 
-def remeasure_markdown(comparisons: dict) -> list[str]:
-    lines = ["", "## Re-measured in a separate run", "",
-             "A later device run (its own process, inputs and weights) timed a random sample of plans, every segment "
-             "and two baselines again; ratio = re-measured ÷ sweep median.", "",
+def baseline_pairs(sweep: Path, again: Path) -> dict[str, tuple[float, float]]:
+    """Baseline name → (sweep median, later run's median) for the baselines both measured."""
+    from fusionsearch.records import load_frame
+
+    def medians(path):
+        frame = load_frame(path)
+        return frame[(frame["kind"] == "baseline") & (frame["status"] == "ok")].groupby("baseline")["latency_us"].median()
+
+    first, second = medians(sweep), medians(again)
+    return {name: (float(first[name]), float(second[name])) for name in first.index if name in second.index}
+
+
+def _graph_deviation(comparison: dict) -> str:
+    """Median and largest |ratio − 1| over the graph-captured baselines of one shape, as text."""
+    pairs = {n: p for n, p in comparison.get("baseline_pairs", {}).items() if n.endswith("_graph")}
+    if not pairs:
+        return "none"
+    devs = sorted(abs(after / before - 1.0) for before, after in pairs.values())
+    return f"{len(devs)} within {devs[-1] * 100:.1f} % (median {devs[len(devs) // 2] * 100:.1f} %)"
+
+
+def remeasure_markdown(comparisons: dict, title: str = "Re-measured in a separate run",
+                       intro: str = "A later device run (its own process, inputs and weights) timed a random sample "
+                                    "of plans, every segment and two baselines again; ratio = re-measured ÷ sweep "
+                                    "median.") -> list[str]:
+    lines = ["", f"## {title}", "", intro, "",
              "| B×S | kind | count | median ratio | median abs. deviation | within 2 % | worst (ratio) |",
              "|---|---|---|---|---|---|---|"]
     for shape, c in comparisons.items():
@@ -100,7 +127,14 @@ def remeasure_markdown(comparisons: dict) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], ceilings: dict, meta: dict, comparisons: dict | None = None) -> str:
+BASELINES_AGAIN_INTRO = ("The PyTorch baselines do not depend on our kernels, so the performance report's run "
+                         "(`perf-h100.md`, another machine and day) re-measured every one of them; ratio = that run "
+                         "÷ sweep median. Eager baselines depend on how fast the host launches; the graph-captured "
+                         "ones are summarised below the table.")
+
+
+def markdown(rows: list[dict], ceilings: dict, meta: dict, comparisons: dict | None = None,
+             baselines_again: dict | None = None) -> str:
     lines = ["# fp16 sweeps on the H100 (BERT-base: hidden 768, 12 heads, FF 3072)", "",
              f"GPU {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, template hash {meta['template_hash']}. "
              f"Measured ceilings in the same runs: {ceilings['peak_tflops']:.0f} TFLOP/s fp16 matmul (8192³), "
@@ -143,6 +177,12 @@ def markdown(rows: list[dict], ceilings: dict, meta: dict, comparisons: dict | N
     lines.append("Segments timed alone (for the segment DP): " + ", ".join(f"{r['shape']} {r['segments_ok']}" for r in rows) + ".")
     if comparisons:
         lines += remeasure_markdown(comparisons)
+    if baselines_again:
+        lines += remeasure_markdown(baselines_again, "Baselines re-measured in the performance report's run",
+                                    BASELINES_AGAIN_INTRO)
+        lines.append("")
+        lines.append("Graph-captured baselines only (the ones that decide the speed-ups): "
+                     + "; ".join(f"{shape} {_graph_deviation(c)}" for shape, c in baselines_again.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -151,6 +191,8 @@ def main() -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="path stem for .md and .json")
     parser.add_argument("--remeasure", type=Path, default=None, help="folder of records from a separate run")
+    parser.add_argument("--baselines-again", type=Path, default=None,
+                        help="records of a later run (records-<shape>-fp16.jsonl*) whose baselines to compare")
     args = parser.parse_args()
     from fusionsearch.records import read_records
 
@@ -166,10 +208,18 @@ def main() -> int:
             again = sorted(args.remeasure.glob(f"sweep-{shape}-*.jsonl*"))
             if again and shape in files:
                 comparisons[shape] = compare_remeasure(files[shape], again[0])
+    baselines_again = {}
+    if args.baselines_again:
+        for shape in SHAPE_ORDER:
+            again = sorted(args.baselines_again.glob(f"records-{shape}-fp16.jsonl*"))
+            if again and shape in files:
+                baselines_again[shape] = compare_remeasure(files[shape], again[0], kinds=("baseline",))
+                baselines_again[shape]["baseline_pairs"] = baseline_pairs(files[shape], again[0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "ceilings": ceilings, "shapes": rows,
-                                                         "remeasured": comparisons}, indent=1))
-    text = markdown(rows, ceilings, meta, comparisons)
+                                                         "remeasured": comparisons,
+                                                         "baselines_again": baselines_again}, indent=1))
+    text = markdown(rows, ceilings, meta, comparisons, baselines_again)
     args.out.with_suffix(".md").write_text(text)
     print(text)
     return 0

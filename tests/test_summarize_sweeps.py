@@ -1,0 +1,34 @@
+"""experiments/summarize_sweeps.py on the committed records: the baselines of a later run compared with a sweep's."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "experiments" / "data" / "sweeps" / "sweep-1x32-fp16.jsonl.gz"
+LATER = ROOT / "experiments" / "data" / "perf-h100" / "records-1x32-fp16.jsonl.gz"
+
+
+def _summarize_module():
+    spec = importlib.util.spec_from_file_location("summarize_sweeps", ROOT / "experiments" / "summarize_sweeps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_baselines_of_a_later_run_are_paired_and_compared_by_name():
+    summarize = _summarize_module()
+    pairs = summarize.baseline_pairs(SWEEP, LATER)
+    assert {"sdpa_graph", "eager_graph", "hf_bert_graph"} <= set(pairs)
+    assert all(before > 0 and after > 0 for before, after in pairs.values())
+    comparison = summarize.compare_remeasure(SWEEP, LATER, kinds=("baseline",))
+    assert set(comparison) == {"run", "sweep_run", "baseline"}  # plans ran on other kernels: not compared
+    assert comparison["baseline"]["count"] == len(pairs)
+    comparison["baseline_pairs"] = pairs
+    text = summarize._graph_deviation(comparison)
+    assert text.startswith("3 within ")
+
+
+def test_a_shape_without_graph_baselines_says_none():
+    summarize = _summarize_module()
+    assert summarize._graph_deviation({"baseline_pairs": {"eager": (200.0, 210.0)}}) == "none"
