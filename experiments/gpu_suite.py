@@ -41,6 +41,15 @@ def device_facts() -> dict:
             "cpus": os.cpu_count()}
 
 
+# Imported by the test modules at collection time: one missing would stop pytest after the builds have run.
+REQUIRED_MODULES = ("jinja2", "numpy", "pandas", "scipy", "xgboost")
+
+
+def missing_modules() -> list[str]:
+    import importlib.util
+    return [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -49,6 +58,10 @@ def main() -> int:
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--cache", default=None, help="build cache to use (default: a fresh temporary folder)")
     args = parser.parse_args()
+    missing = missing_modules()
+    if missing:
+        parser.exit(2, f"gpu_suite: {', '.join(missing)} not importable; the tests import them. Install them first "
+                       "(offline: pip install --no-deps --target DIR WHEELS, then put DIR on PYTHONPATH).\n")
     args.out.mkdir(parents=True, exist_ok=True)
     facts = device_facts()
     cache = args.cache or tempfile.mkdtemp(prefix="fs-cache-")
