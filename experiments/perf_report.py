@@ -81,8 +81,8 @@ def measure_shape(shape: str, dtype: str, masks: list[int], folder: Path, ceilin
                          segments=False)
     by_key = {rec["key"]: rec for rec in result.found}
     timed = {plan.mask: by_key.get(records.key_of(plan)) for plan in candidates}
-    fastest = [m for m, rec in timed.items() if rec and rec["status"] == "ok"]
-    ours = decode(min(fastest, key=lambda m: timed[m]["latency_us"]["median"]) if fastest else masks[0])
+    measured = [plan for plan in candidates if timed[plan.mask] and timed[plan.mask]["status"] == "ok"]
+    ours = min(measured, key=lambda plan: timed[plan.mask]["latency_us"]["median"]) if measured else candidates[0]
     row = {"shape": shape, "dtype": dtype, "floor_us": roofline_floor_us(cfg, ceilings["peak_tflops"],
                                                                          ceilings["bandwidth_tbs"]),
            "goal_us": GOALS_US.get(shape), "mask": ours.mask, "plan": ours.describe(),
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                        "candidates": args.candidates},
               "dtypes": args.dtypes, "ceilings": {}, "layers": [], "e2e": []}
     candidates = {}
-    for shape in set(args.shapes) | set(args.e2e_shapes):
+    for shape in args.shapes:
         sweep = args.sweeps / f"sweep-{shape}-fp16.jsonl.gz"
         candidates[shape] = candidate_masks(sweep, args.candidates) if sweep.exists() else [masks[shape]]
     for dtype in args.dtypes:

@@ -61,3 +61,12 @@ def test_a_shape_without_a_recorded_best_plan_is_refused(tmp_path, capsys):
         perf.main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--shapes", "1x32", "--e2e-shapes", "2x64"])
     assert exit_info.value.code == 2
     assert "no best plan for 2x64" in capsys.readouterr().err
+
+
+def test_candidates_hold_the_sweep_optimum_and_the_best_attention_kernel_plans():
+    perf = _perf_module()
+    masks = perf.candidate_masks(ROOT / "experiments" / "data" / "sweeps" / "sweep-1x128-fp16.jsonl.gz", 2)
+    best = perf.best_masks(ROOT / "experiments" / "results" / "sweeps-h100.json")["1x128"]
+    assert masks[0] == best and len(masks) == len(set(masks)) <= 4
+    with_attention = [m for m in masks if any(s.attention for s in decode(m).segments)]
+    assert len(with_attention) == 2 and 41108 in with_attention  # 1×128's optimum does not use the kernel
