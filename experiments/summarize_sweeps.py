@@ -77,7 +77,8 @@ def compare_remeasure(sweep: Path, again: Path, kinds: tuple[str, ...] = ("plan"
         def medians(frame):
             rows = frame[(frame["kind"] == kind) & (frame["status"] == "ok")]
             return rows.groupby(key)["latency_us"].median()
-        ratio = (medians(second) / medians(first)).dropna()
+        before, after = medians(first), medians(second)
+        ratio = (after / before).dropna()
         if ratio.empty:
             continue
         deviation = (ratio - 1.0).abs()
@@ -86,24 +87,14 @@ def compare_remeasure(sweep: Path, again: Path, kinds: tuple[str, ...] = ("plan"
                      "median_abs_dev": float(deviation.median()), "within_2pct": float((deviation <= 0.02).mean()),
                      "worst": {"key": str(int(worst)) if kind == "plan" else str(worst),
                                "ratio": float(ratio[worst])}}
+        if kind == "baseline":  # few enough to list: name → (sweep µs, re-measured µs)
+            out[kind]["pairs"] = {name: (float(before[name]), float(after[name])) for name in ratio.index}
     return out
-
-
-def baseline_pairs(sweep: Path, again: Path) -> dict[str, tuple[float, float]]:
-    """Baseline name → (sweep median, later run's median) for the baselines both measured."""
-    from fusionsearch.records import load_frame
-
-    def medians(path):
-        frame = load_frame(path)
-        return frame[(frame["kind"] == "baseline") & (frame["status"] == "ok")].groupby("baseline")["latency_us"].median()
-
-    first, second = medians(sweep), medians(again)
-    return {name: (float(first[name]), float(second[name])) for name in first.index if name in second.index}
 
 
 def _graph_deviation(comparison: dict) -> str:
     """Median and largest |ratio − 1| over the graph-captured baselines of one shape, as text."""
-    pairs = {n: p for n, p in comparison.get("baseline_pairs", {}).items() if n.endswith("_graph")}
+    pairs = {n: p for n, p in comparison.get("baseline", {}).get("pairs", {}).items() if n.endswith("_graph")}
     if not pairs:
         return "none"
     devs = sorted(abs(after / before - 1.0) for before, after in pairs.values())
@@ -214,7 +205,6 @@ def main() -> int:
             again = sorted(args.baselines_again.glob(f"records-{shape}-fp16.jsonl*"))
             if again and shape in files:
                 baselines_again[shape] = compare_remeasure(files[shape], again[0], kinds=("baseline",))
-                baselines_again[shape]["baseline_pairs"] = baseline_pairs(files[shape], again[0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "ceilings": ceilings, "shapes": rows,
                                                          "remeasured": comparisons,

@@ -18,17 +18,15 @@ def _summarize_module():
 
 def test_baselines_of_a_later_run_are_paired_and_compared_by_name():
     summarize = _summarize_module()
-    pairs = summarize.baseline_pairs(SWEEP, LATER)
-    assert {"sdpa_graph", "eager_graph", "hf_bert_graph"} <= set(pairs)
-    assert all(before > 0 and after > 0 for before, after in pairs.values())
     comparison = summarize.compare_remeasure(SWEEP, LATER, kinds=("baseline",))
     assert set(comparison) == {"run", "sweep_run", "baseline"}  # plans ran on other kernels: not compared
+    pairs = comparison["baseline"]["pairs"]
+    assert {"sdpa_graph", "eager_graph", "hf_bert_graph"} <= set(pairs)
     assert comparison["baseline"]["count"] == len(pairs)
-    comparison["baseline_pairs"] = pairs
-    text = summarize._graph_deviation(comparison)
-    assert text.startswith("3 within ")
+    assert all(before > 0 and after > 0 for before, after in pairs.values())
+    assert summarize._graph_deviation(comparison).startswith("3 within ")
 
 
 def test_a_shape_without_graph_baselines_says_none():
     summarize = _summarize_module()
-    assert summarize._graph_deviation({"baseline_pairs": {"eager": (200.0, 210.0)}}) == "none"
+    assert summarize._graph_deviation({"baseline": {"pairs": {"eager": (200.0, 210.0)}}}) == "none"
