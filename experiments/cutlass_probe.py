@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fusionsearch.reference import relative_error as rel_error  # noqa: E402  (NaN from a skipped row stays NaN)
 from fusionsearch.timing import time_cuda_graph  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "cutlass_probe"
@@ -60,12 +61,6 @@ def poisoned(fn, shape):
     """Run fn after filling the block the allocator will hand out next with NaN, so rows it skips show up."""
     torch.full(shape, float("nan"), dtype=torch.float16, device="cuda")  # freed at once, reused by fn's output
     return fn()
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out.float() - ref).norm() / ref.norm())
 
 
 def stats(fn, flops: float) -> dict:
