@@ -49,15 +49,13 @@ using BiasGelu = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epi
 using Bias = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, Elem, Acc, Elem,
                                                                  Elem, Acc>;
 
-// What a launch needs besides the operands: the workspace size to allocate and a readable failure.
+// The outcome of a launch: a readable failure, or nullptr on success.
 struct Launch {
-  const char* error = nullptr;  // nullptr on success
+  const char* error = nullptr;
 };
 
 // y = x·Wᵀ through FusionOp; `bias` (length N) is read unless FusionOp is Plain, `residual` ([M, N]) is added
 // with beta = 1 when given (the epilogue reads C only when beta ≠ 0). `workspace` holds workspace_bytes<FusionOp>.
-template <class FusionOp> size_t workspace_bytes(int M, int N, int K);
-
 template <class FusionOp> typename Gemm<FusionOp>::Device::Arguments arguments(int M, int N, int K, const void* x,
     const void* w, const void* bias, const void* residual, void* y) {
   using Kernel = typename Gemm<FusionOp>::Device::GemmKernel;
