@@ -1,16 +1,20 @@
 """CUTLASS 3.x Hopper GEMMs with fused epilogues against cuBLAS on the four BERT-base GEMMs, same process.
 
-    PYTHONPATH=. python experiments/cutlass_probe.py [--rows 2048 32768] [--out F.json]
+    PYTHONPATH=. python experiments/cutlass_probe.py [--rows 2048 32768] [--configs NAME ...] [--out F.json]
 
-Needs the pinned CUTLASS headers (`pip install 'fusionsearch[cutlass]'`, i.e. nvidia-cutlass) and an sm_90 GPU.
-Builds experiments/cutlass_probe/gemm_epilogue.cu (128×256×64 tiles, 2×1 cluster, TMA + warpgroup MMA,
-warp-specialized cooperative schedule) through torch.utils.cpp_extension.load and reports the build time. Per
-GEMM and row count: cuBLAS (F.linear) against CUTLASS y = x·Wᵀ, and the epilogue the layer would fuse there,
-against cuBLAS plus the separate PyTorch op:
-  FFN1: GELU(x·Wᵀ + b) against F.linear(x, W, b) then GELU;
-  attention output and FFN2: x·Wᵀ + b + residual against F.linear(x, W, b) + residual.
-Every output is checked against an fp32 reference (into NaN-poisoned memory) before it is timed; timings are CUDA
-events over graph replays with the L2 flushed before each sample.
+Needs an sm_90 GPU (H100/H200).
+Builds the GEMM of kernels/fs_gemm_sm90.cuh (what the layer's GEMM + epilogue segments run on Hopper) as one
+unit per configuration in CONFIGS (tile, cluster, cooperative or pingpong schedule, persistent or stream-K
+scheduler; TMA + warpgroup MMA in all) through torch.utils.cpp_extension.load, in parallel, and reports the build
+time. Per GEMM and row count, and per variant (the plain GEMM; the epilogue the layer would fuse there):
+  1. every configuration with CUTLASS's default raster order, the fastest kept;
+  2. that configuration under each raster order and swizzle in OPTIONS, the fastest kept;
+  3. against cuBLAS (F.linear), or for the fused variant cuBLAS plus the separate PyTorch op:
+     FFN1: GELU(x·Wᵀ + b) against F.linear(x, W, b) then GELU;
+     attention output and FFN2: x·Wᵀ + b + residual against F.linear(x, W, b) + residual.
+Every CUTLASS output is checked against an fp32 reference (into NaN-poisoned memory) before it is timed; timings
+are CUDA events over graph replays with the L2 flushed before each sample. The cuBLAS kernel's name (its tile
+and schedule) is recorded from the profiler.
 """
 from __future__ import annotations
 
@@ -26,33 +30,67 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusionsearch.reference import relative_error as rel_error  # noqa: E402  (NaN from a skipped row stays NaN)
+from fusionsearch.resources import cutlass_include_dirs, kernels_dir  # noqa: E402
 from fusionsearch.timing import time_cuda_graph  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "cutlass_probe"
 # name: (N, K, fused epilogue) of y[M, N] = x[M, K]·W[N, K]ᵀ in a BERT-base layer
 GEMMS = {"qkv": (2304, 768, None), "attn_out": (768, 768, "bias_residual"), "ffn1": (3072, 768, "bias_gelu"),
          "ffn2": (768, 3072, "bias_residual")}
+EPILOGUE_CODE = {None: 0, "bias_gelu": 1, "bias_residual": 2}  # probe::Epilogue
+# name: (tile M, N, K), (cluster M, N), schedule, tile scheduler
+CONFIGS = {
+    "coop_128x256_c2x1": ((128, 256, 64), (2, 1), "Cooperative", "PersistentScheduler"),
+    "coop_128x256_c1x2": ((128, 256, 64), (1, 2), "Cooperative", "PersistentScheduler"),
+    "coop_256x128_c1x2": ((256, 128, 64), (1, 2), "Cooperative", "PersistentScheduler"),
+    "coop_128x128_c2x1": ((128, 128, 64), (2, 1), "Cooperative", "PersistentScheduler"),
+    "coop_128x256_c2x1_sk": ((128, 256, 64), (2, 1), "Cooperative", "StreamKScheduler"),
+    "pp_128x128_c1x1": ((128, 128, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+    "pp_128x128_c2x1": ((128, 128, 64), (2, 1), "Pingpong", "PersistentScheduler"),
+    "pp_64x256_c2x1": ((64, 256, 64), (2, 1), "Pingpong", "PersistentScheduler"),
+    "pp_64x128_c1x1": ((64, 128, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+}
+# (raster, swizzle): raster 1 = along M, 2 = along N (probe::Options)
+OPTIONS = [(r, s) for r in (1, 2) for s in (1, 2, 4, 8)]
 
 
-def cutlass_include_dirs() -> list[str]:
-    """Header folders of the nvidia-cutlass wheel (cute/, cutlass/ and the util headers)."""
-    try:
-        import cutlass_library
-    except ImportError as error:
-        raise SystemExit("cutlass_probe: the CUTLASS headers are missing; pip install 'fusionsearch[cutlass]' "
-                         "(nvidia-cutlass)") from error
-    source = Path(cutlass_library.__file__).resolve().parent / "source"
-    return [str(source / "include"), str(source / "tools" / "util" / "include")]
+def config_unit(name: str) -> str:
+    """The source of one configuration unit: PROBE_DEFINE of run_<name> / workspace_<name>."""
+    (tm, tn, tk), (cm, cn), schedule, scheduler = CONFIGS[name]
+    config = (f"fs::sm90::Config<cute::Shape<cute::_{tm}, cute::_{tn}, cute::_{tk}>, "
+              f"cute::Shape<cute::_{cm}, cute::_{cn}, cute::_1>, fs::sm90::{schedule}, cutlass::gemm::{scheduler}>")
+    return f'#include "gemm_epilogue.cuh"\nPROBE_DEFINE({name}, {config})\n'
 
 
-def build(cache: Path):
+def _write_if_changed(path: Path, text: str) -> None:
+    """Leave unchanged files alone so ninja rebuilds only what changed."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def write_units(names: list[str], folder: Path) -> list[Path]:
+    """The configuration units and configs.inc for the binding, under folder."""
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"cutlass_probe: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    units = []
+    for name in names:
+        units.append(folder / f"{name}.cu")
+        _write_if_changed(units[-1], config_unit(name))
+    _write_if_changed(folder / "configs.inc", "".join(f"PROBE_CONFIG({name})\n" for name in names))
+    return units
+
+
+def build(cache: Path, names: list[str]):
     from torch.utils.cpp_extension import load
 
-    cache.mkdir(parents=True, exist_ok=True)
+    units = write_units(names, cache / "units")
     start = time.perf_counter()
-    module = load(name="fs_cutlass_probe", sources=[str(HERE / "gemm_epilogue.cu")], build_directory=str(cache),
-                  extra_include_paths=[str(HERE), *cutlass_include_dirs()],
-                  extra_cuda_cflags=["-std=c++17", "-O3", "--expt-relaxed-constexpr",
+    module = load(name="fs_cutlass_probe", sources=[str(HERE / "gemm_epilogue.cu"), *map(str, units)],
+                  build_directory=str(cache), extra_include_paths=[str(HERE), str(cache / "units"),
+                                                                   str(kernels_dir()), *cutlass_include_dirs()],
+                  extra_cuda_cflags=["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
                                      "-gencode=arch=compute_90a,code=sm_90a"], verbose=False)
     return module, time.perf_counter() - start
 
@@ -69,62 +107,108 @@ def stats(fn, flops: float) -> dict:
     return result
 
 
-def measure(module, rows: int, name: str, seed: int = 0) -> dict:
-    n, k, epilogue = GEMMS[name]
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(rows, k, generator=gen, device="cuda").half()
-    w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).half()
-    b = torch.randn(n, generator=gen, device="cuda").half()
-    r = torch.randn(rows, n, generator=gen, device="cuda").half()
-    flops = 2.0 * rows * n * k
-    exact = x.float() @ w.float().T
-    row = {"gemm": name, "M": rows, "N": n, "K": k, "flops": flops}
-    row["cutlass_err"] = rel_error(poisoned(lambda: module.linear(x, w), (rows, n)), exact)
-    row["cublas_err"] = rel_error(F.linear(x, w), exact)
-    row["cublas"] = stats(lambda: F.linear(x, w), flops)
-    row["cutlass"] = stats(lambda: module.linear(x, w), flops)
-    if epilogue == "bias_gelu":
-        ref = F.gelu(exact + b.float())
-        fused, separate = (lambda: module.linear_bias_gelu(x, w, b)), (lambda: F.gelu(F.linear(x, w, b)))
-    elif epilogue == "bias_residual":
-        ref = exact + b.float() + r.float()
-        fused, separate = (lambda: module.linear_bias_residual(x, w, b, r)), (lambda: F.linear(x, w, b) + r)
-    else:
-        return row
-    row["epilogue"] = epilogue
-    row["cutlass_fused_err"] = rel_error(poisoned(fused, (rows, n)), ref)
-    row["cublas_separate_err"] = rel_error(separate(), ref)
-    row["cublas_separate"] = stats(separate, flops)
-    row["cutlass_fused"] = stats(fused, flops)
+def library_kernels(fn) -> list[str]:
+    """Names of the GPU kernels fn launches (cuBLAS names carry their tile and schedule)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({event.key for event in prof.key_averages() if event.device_time_total > 0})
+
+
+class Problem:
+    """Random operands of one BERT GEMM at `rows` rows, the fp32 references and the cuBLAS calls."""
+
+    def __init__(self, name: str, rows: int, seed: int = 0):
+        n, k, self.epilogue = GEMMS[name]
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.x = torch.randn(rows, k, generator=gen, device="cuda").half()
+        self.w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).half()
+        self.b = torch.randn(n, generator=gen, device="cuda").half()
+        self.r = torch.randn(rows, n, generator=gen, device="cuda").half()
+        self.shape, self.flops = (rows, n), 2.0 * rows * n * k
+        exact = self.x.float() @ self.w.float().T
+        self.reference = {None: exact, "bias_gelu": F.gelu(exact + self.b.float()),
+                          "bias_residual": exact + self.b.float() + self.r.float()}
+
+    def cublas(self, epilogue):
+        x, w, b, r = self.x, self.w, self.b, self.r
+        return {None: lambda: F.linear(x, w), "bias_gelu": lambda: F.gelu(F.linear(x, w, b)),
+                "bias_residual": lambda: F.linear(x, w, b) + r}[epilogue]
+
+    def cutlass(self, module, config: str, epilogue, option=(0, 1)):
+        args = (config, EPILOGUE_CODE[epilogue], self.x, self.w, self.b, self.r, *option)
+        return lambda: module.gemm(*args)
+
+
+def best_cutlass(module, problem: Problem, epilogue, configs: list[str]) -> dict:
+    """Steps 1 and 2 of the module docstring for one variant; every timed call was checked first."""
+    tried = {}
+    for config in configs:
+        fn = problem.cutlass(module, config, epilogue)
+        tried[config] = {"err": rel_error(poisoned(fn, problem.shape), problem.reference[epilogue]),
+                         **stats(fn, problem.flops)}
+    config = min(tried, key=lambda c: tried[c]["median"])
+    options = {}
+    for option in OPTIONS:
+        fn = problem.cutlass(module, config, epilogue, option)
+        options[f"raster{option[0]}_swizzle{option[1]}"] = {
+            "option": option, "err": rel_error(poisoned(fn, problem.shape), problem.reference[epilogue]),
+            **stats(fn, problem.flops)}
+    option = min(options, key=lambda o: options[o]["median"])
+    best = options[option] if options[option]["median"] < tried[config]["median"] else tried[config]
+    return {"config": config, "option": best.get("option", (0, 1)), "best": best, "configs": tried,
+            "options": options}
+
+
+def measure(module, rows: int, name: str, configs: list[str]) -> dict:
+    problem = Problem(name, rows)
+    row = {"gemm": name, "M": rows, "N": problem.shape[1], "K": GEMMS[name][1], "flops": problem.flops,
+           "cublas_kernels": library_kernels(problem.cublas(None))}
+    for epilogue in (None, problem.epilogue) if problem.epilogue else (None,):
+        label = epilogue or "plain"
+        library = problem.cublas(epilogue)
+        row[label] = {"cublas_err": rel_error(library(), problem.reference[epilogue]),
+                      "cublas": stats(library, problem.flops), **best_cutlass(module, problem, epilogue, configs)}
+        row[label]["ratio"] = row[label]["best"]["median"] / row[label]["cublas"]["median"]
     return row
+
+
+def summary_line(row: dict) -> str:
+    parts = []
+    for label in ("plain", "bias_gelu", "bias_residual"):
+        if label in row:
+            v = row[label]
+            parts.append(f"{label}: cuBLAS{'' if label == 'plain' else ' + op'} {v['cublas']['median']:.1f} µs, "
+                         f"CUTLASS {v['config']} {tuple(v['option'])} {v['best']['median']:.1f} µs "
+                         f"({v['best']['tflops']:.0f} TFLOP/s, ×{v['ratio']:.2f}, err {v['best']['err']:.1e})")
+    return f"M={row['M']} {row['gemm']}: " + "; ".join(parts) + f" | cuBLAS kernel {row['cublas_kernels']}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[2048, 32768], help="M = batch × sequence length")
+    parser.add_argument("--gemms", nargs="+", choices=list(GEMMS), default=list(GEMMS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FUSIONSEARCH_CACHE_DIR", ".fscache")) /
                         "cutlass_probe")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("cutlass_probe: needs an sm_90 GPU (H100/H200); the kernels use Hopper TMA and wgmma")
-    module, build_s = build(args.cache)
-    print(f"built in {build_s:.1f} s", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build_s": build_s, "rows": []}
+    module, build_s = build(args.cache, args.configs)
+    print(f"built {len(args.configs)} configurations in {build_s:.1f} s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build_s": build_s,
+              "configs": {name: CONFIGS[name] for name in args.configs}, "rows": []}
     for rows in args.rows:
-        for name in GEMMS:
-            row = measure(module, rows, name)
-            result["rows"].append(row)
-            line = (f"M={rows} {name}: cuBLAS {row['cublas']['median']:.1f} µs ({row['cublas']['tflops']:.0f} "
-                    f"TFLOP/s), CUTLASS {row['cutlass']['median']:.1f} µs ({row['cutlass']['tflops']:.0f}), "
-                    f"err {row['cutlass_err']:.1e}/{row['cublas_err']:.1e}")
-            if "epilogue" in row:
-                line += (f"; {row['epilogue']}: cuBLAS + op {row['cublas_separate']['median']:.1f} µs, CUTLASS "
-                         f"fused {row['cutlass_fused']['median']:.1f} µs, err {row['cutlass_fused_err']:.1e}/"
-                         f"{row['cublas_separate_err']:.1e}")
-            print(line, flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        for name in args.gemms:
+            result["rows"].append(measure(module, rows, name, args.configs))
+            print(summary_line(result["rows"][-1]), flush=True)
+            if args.out:  # after every row, so a killed run keeps what it measured
+                args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -9,8 +9,8 @@ Our plan at each shape is the fastest, re-timed in this run, of a few candidates
 (--sweeps): its k fastest plans and its k fastest with the attention kernel, since the kernels may have changed
 since the sweep; --plans names the optimum where no sweep is recorded. Per shape and dtype,
 fusionsearch.sweep.sweep_shape verifies and times the candidates and the hand-fused reference plans in this
-process, then the default PyTorch baselines in a worker on the same GPU; its records go to
-records-<shape>-<dtype>.jsonl beside --out (a killed run resumes). End to end, a BertModel
+process, then the default PyTorch baselines in a worker on the same GPU (one worker serves every shape); its
+records go to records-<shape>-<dtype>.jsonl beside --out (a killed run resumes). End to end, a BertModel
 patched with the shape's plan is compared with the fp32 model and timed against HF SDPA + graph and
 torch.compile + graph. Writes <out>.json and <out>.md.
 """
@@ -61,10 +61,20 @@ def _stats(record: dict) -> dict:
     return {"median": lat["median"], "p20": lat["p20"], "p80": lat["p80"], "repeats": lat["repeats"]}
 
 
-def measure_shape(shape: str, dtype: str, masks: list[int], folder: Path, ceilings: dict) -> dict:
+def baseline_pool():
+    """One worker on this process's GPU for the baselines of every shape and dtype: a request carries its shape,
+    and starting a worker costs seconds of imports and CUDA set-up."""
+    import torch
+
+    from fusionsearch.worker import WorkerPool
+
+    return WorkerPool([f"cuda:{torch.cuda.current_device()}"])  # the GPU sweep_shape times the plans on
+
+
+def measure_shape(shape: str, dtype: str, masks: list[int], folder: Path, ceilings: dict, pool) -> dict:
     """Floor, baselines, our candidate plans and the hand-fused plans at one shape and dtype (records under folder).
 
-    Our plan is the fastest candidate measured here."""
+    Our plan is the fastest candidate measured here; the baselines run in `pool`'s worker."""
     from fusionsearch import records
     from fusionsearch.config import LayerConfig, parse_shape
     from fusionsearch.mask import decode
@@ -78,7 +88,7 @@ def measure_shape(shape: str, dtype: str, masks: list[int], folder: Path, ceilin
     named = {name: Plan.from_cuts(cuts, attention=attention) for name, (cuts, attention) in HARD_CODED.items()}
     # Plans and baselines only: segments alone are the sweeps' business, and skipping them keeps the run short.
     result = sweep_shape(cfg, folder / f"records-{shape}-{dtype}.jsonl", plans=[*candidates, *named.values()],
-                         segments=False)
+                         segments=False, pool=pool)
     by_key = {rec["key"]: rec for rec in result.found}
     timed = {plan.mask: by_key.get(records.key_of(plan)) for plan in candidates}
     measured = [plan for plan in candidates if timed[plan.mask] and timed[plan.mask]["status"] == "ok"]
@@ -222,18 +232,21 @@ def main(argv: list[str] | None = None) -> int:
                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "candidates": args.candidates},
               "dtypes": args.dtypes, "ceilings": {}, "layers": [], "e2e": []}
-    candidates = {}
-    for shape in args.shapes:
-        sweep = args.sweeps / f"sweep-{shape}-fp16.jsonl.gz"
-        candidates[shape] = candidate_masks(sweep, args.candidates) if sweep.exists() else [masks[shape]]
-    for dtype in args.dtypes:
-        report["ceilings"][dtype] = baselines.measure_ceilings(dtype)
+    # The worker starts up while the candidates are read, and is closed before end to end, which needs none.
+    with baseline_pool() as pool:
+        candidates = {}
         for shape in args.shapes:
-            row = measure_shape(shape, dtype, candidates[shape], folder, report["ceilings"][dtype])
-            if dtype == "fp16":
-                masks[shape] = row["mask"]  # end to end runs the fp16 winner
-            report["layers"].append(row)
-            print(shape, dtype, _us(row["ours"]), f"{row.get('speedup', math.nan):.2f}×", flush=True)
+            sweep = args.sweeps / f"sweep-{shape}-fp16.jsonl.gz"
+            candidates[shape] = candidate_masks(sweep, args.candidates) if sweep.exists() else [masks[shape]]
+        pool.environments()  # ready before anything is timed: its CUDA set-up must not disturb a timing
+        for dtype in args.dtypes:
+            report["ceilings"][dtype] = baselines.measure_ceilings(dtype)
+            for shape in args.shapes:
+                row = measure_shape(shape, dtype, candidates[shape], folder, report["ceilings"][dtype], pool)
+                if dtype == "fp16":
+                    masks[shape] = row["mask"]  # end to end runs the fp16 winner
+                report["layers"].append(row)
+                print(shape, dtype, _us(row["ours"]), f"{row.get('speedup', math.nan):.2f}×", flush=True)
     for shape in args.e2e_shapes:
         report["e2e"].append(measure_e2e(shape, masks[shape]))
         print("e2e", shape, {k: round(v["median"], 1) for k, v in report["e2e"][-1]["latency_us"].items()}, flush=True)

@@ -20,10 +20,11 @@ from . import settings
 from .config import LayerConfig
 from .errors import FusionSearchError
 from .plan import Segment, all_segments
-from .resources import kernels_dir
+from .resources import cutlass_include_dirs, kernels_dir
 
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-diag-suppress=177")
 CXX_FLAGS = ("-O2", "-std=c++17")
+CUTLASS_HEADER = "fs_gemm_sm90.cuh"  # the one kernel header built on CUTLASS
 
 
 class BuildError(FusionSearchError):
@@ -165,6 +166,8 @@ def _arch_environment(arch: str):
     """cpp_extension reads the target from TORCH_CUDA_ARCH_LIST and the job count from MAX_JOBS."""
     saved = {name: os.environ.get(name) for name in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS")}
     digits, suffix = arch.rstrip("af"), arch[len(arch.rstrip("af")):]
+    if digits == "90":
+        suffix = "a"  # warpgroup MMA and TMA (fs_gemm_sm90.cuh) exist only in the arch-specific sm_90a target
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{digits[:-1]}.{digits[-1]}{suffix}"
     if settings.build_jobs():
         os.environ["MAX_JOBS"] = str(settings.build_jobs())
@@ -181,6 +184,22 @@ def _arch_environment(arch: str):
 _LOADED: dict[str, object] = {}
 
 
+def needs_cutlass(spec: LibrarySpec) -> bool:
+    """Whether a unit includes the Hopper GEMM header, so the build needs the CUTLASS headers."""
+    return any(f'#include "{CUTLASS_HEADER}"' in unit.source for unit in spec.units)
+
+
+def include_dirs(spec: LibrarySpec) -> list[str]:
+    """kernels/, plus the CUTLASS headers when a unit needs them."""
+    dirs = [str(kernels_dir())]
+    if needs_cutlass(spec):
+        try:
+            dirs += cutlass_include_dirs()
+        except FileNotFoundError as error:
+            raise BuildError(f"{spec.module_name}: {error}") from error
+    return dirs
+
+
 def load_library(spec: LibrarySpec):
     """Compile (if needed) and import the library's extension module; cached per process."""
     if spec.key in _LOADED:
@@ -194,7 +213,7 @@ def load_library(spec: LibrarySpec):
             try:
                 module = load(name=spec.module_name, sources=[str(p) for p in sources],
                               extra_cflags=list(CXX_FLAGS), extra_cuda_cflags=list(NVCC_FLAGS),
-                              extra_include_paths=[str(kernels_dir())], build_directory=str(folder),
+                              extra_include_paths=include_dirs(spec), build_directory=str(folder),
                               verbose=settings.verbose_build(), with_cuda=True)
             except (RuntimeError, OSError, ImportError) as error:
                 tail = "\n".join(str(error).strip().splitlines()[-30:])

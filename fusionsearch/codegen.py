@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
-from .schedule import stages_of, uses_library_gemm
+from .schedule import hopper_gemm, stages_of, uses_library_gemm
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
 
@@ -46,8 +46,10 @@ def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUn
         macros = env.get_template(f"stage_{stage.kind}.cu.j2").module
         stages.append({"stage": stage, "call": str(macros.call(stage)).strip(),
                        "smem": str(macros.smem(stage)).strip(), "work": str(macros.work(stage)).strip()})
+    # On Hopper a GEMM + epilogue segment also carries the CUTLASS path it takes at many rows.
+    hopper = hopper_gemm(segment) if arch.rstrip("af") == "90" else None
     context = {"version": __version__, "segment": segment, "dtype": cfg.dtype, "ctype": _ctype(cfg),
-               "arch_label": f"sm_{arch}", "dims": _dims(cfg), "stages": stages}
+               "arch_label": f"sm_{arch}", "dims": _dims(cfg), "stages": stages, "hopper_gemm": hopper}
     template = env.get_template("segment.cu.j2")
     # The name carries a hash of the source it names, so different code never shares a symbol.
     draft = template.render(**context, kernel_name="KERNEL", source_hash="-")

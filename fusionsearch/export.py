@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 from . import __version__
-from .build import library_spec, toolchain_versions
+from .build import library_spec, needs_cutlass, toolchain_versions
 from .codegen import environment
 from .config import LayerConfig
 from .errors import FusionSearchError
 from .plan import Plan
-from .resources import kernels_dir, sources_hash
+from .resources import CUTLASS_REQUIREMENT, kernels_dir, sources_hash
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # The modules a plan needs at run time; none of them imports jinja2, pandas or xgboost.
@@ -63,7 +63,8 @@ def render_module(plan: Plan, cfg: LayerConfig, arch: str, module_stem: str, pro
         version=__version__, plan=plan_record(plan), config=config, provenance=provenance, module_stem=module_stem,
         plan_json=json.dumps(plan_record(plan)), config_json=json.dumps(config),
         provenance_json=json.dumps(provenance), library_json=json.dumps(library), headers=headers,
-        runtime=runtime, bundle_hash=bundle)
+        runtime=runtime, bundle_hash=bundle, needs_cutlass=needs_cutlass(spec),
+        cutlass_requirement=CUTLASS_REQUIREMENT)
 
 
 def export_plan(plan: Plan, cfg: LayerConfig, output: "str | Path", arch: str, provenance: dict | None = None) -> Path:

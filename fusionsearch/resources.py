@@ -37,3 +37,24 @@ def sources_hash() -> str:
                 digest.update(path.name.encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
+
+
+@cache
+def cutlass_include_dirs() -> tuple[str, ...]:
+    """Header folders (cute/, cutlass/, cutlass/util/) of the pinned nvidia-cutlass wheel, found without importing
+    its Python side; the Hopper GEMM segments (kernels/fs_gemm_sm90.cuh) compile against them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"fusionsearch needs the CUTLASS headers of {CUTLASS_REQUIREMENT}, which is not "
+                                f"installed; pip install '{CUTLASS_REQUIREMENT}' (a dependency of fusionsearch)")
+    source = Path(next(iter(spec.submodule_search_locations))) / "source"
+    dirs = (source / "include", source / "tools" / "util" / "include")
+    if not (dirs[0] / "cute" / "tensor.hpp").is_file():
+        raise FileNotFoundError(f"the nvidia-cutlass package at {source.parent} has no headers under {dirs[0]}; "
+                                f"reinstall it: pip install --force-reinstall '{CUTLASS_REQUIREMENT}'")
+    return tuple(str(d) for d in dirs)

@@ -22,6 +22,8 @@ _EPILOGUE_OF = {0: 1, 2: 3, 5: 6, 7: 8, 10: 11, 12: 13}
 # Row reduction → the elementwise operator before it that it applies on load.
 _ABSORBED_BY = {4: 3, 9: 8, 14: 13}
 _MERGE_HEADS, _OUT_GEMM = 6, 7
+# GEMMs whose GEMM + epilogue segment Hopper runs through CUTLASS at many rows (kernels/fs_gemm_sm90.cuh).
+_HOPPER_SEGMENT_GEMMS = (7, 10, 12)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,17 @@ class Stage:
 def uses_library_gemm(segment: Segment) -> bool:
     """A lone GEMM runs through cuBLAS (via ATen in the binding): nothing to fuse, and the library is faster."""
     return segment.span == 1 and OPS[segment.first].kind in (OpKind.GEMM, OpKind.BATCHED_GEMM)
+
+
+def hopper_gemm(segment: Segment) -> "Stage | None":
+    """The stage of a segment that is exactly out_gemm, ffn1_gemm or ffn2_gemm with its epilogue (no merge-heads
+    prologue, nothing else), which sm_90 runs as a CUTLASS TMA + warpgroup-MMA GEMM; None for any other segment."""
+    stages = stages_of(segment)
+    if len(stages) != 1:
+        return None
+    stage = stages[0]
+    fits = stage.kind == "gemm" and stage.op in _HOPPER_SEGMENT_GEMMS and stage.fuse_next and not stage.merge_prologue
+    return stage if fits else None
 
 
 def stages_of(segment: Segment) -> tuple[Stage, ...]:

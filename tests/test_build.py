@@ -98,8 +98,28 @@ def test_arch_needs_a_gpu_or_an_override(monkeypatch):
     assert build.current_arch() == "90a"
 
 
-def test_arch_list_for_cpp_extension_keeps_the_feature_suffix():
+def test_arch_list_for_cpp_extension_keeps_the_feature_suffix_and_hopper_builds_sm90a():
     import os
-    for arch, expected in (("90", "9.0"), ("90a", "9.0a"), ("100", "10.0")):
+    for arch, expected in (("90", "9.0a"), ("90a", "9.0a"), ("80", "8.0"), ("100", "10.0"), ("100a", "10.0a")):
         with build._arch_environment(arch):
             assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
+
+
+def test_cutlass_headers_join_the_build_only_for_hopper_gemm_segments():
+    from fusionsearch.resources import cutlass_include_dirs, kernels_dir
+    hopper = library_spec(LayerConfig(), (Segment(0, 9), Segment(10, 11), Segment(12, 14)), arch="90")
+    assert build.needs_cutlass(hopper)
+    assert build.include_dirs(hopper) == [str(kernels_dir()), *cutlass_include_dirs()]
+    for arch, segments in (("80", (Segment(0, 9), Segment(10, 11), Segment(12, 14))), ("90", FEW)):
+        spec = library_spec(LayerConfig(), segments, arch=arch)
+        assert not build.needs_cutlass(spec)
+        assert build.include_dirs(spec) == [str(kernels_dir())]
+
+
+def test_missing_cutlass_headers_fail_the_build_with_the_package_to_install(monkeypatch):
+    from fusionsearch import resources
+    monkeypatch.setattr(build, "cutlass_include_dirs", lambda: resources.cutlass_include_dirs.__wrapped__())
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    spec = library_spec(LayerConfig(), (Segment(10, 11),), arch="90")
+    with pytest.raises(BuildError, match=r"pip install 'nvidia-cutlass==4\.2\.0\.0'"):
+        build.include_dirs(spec)

@@ -9,8 +9,8 @@ import pytest
 from fusionsearch.codegen import environment, render_binding, render_segment
 from fusionsearch.config import LayerConfig
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.resources import kernels_dir
-from fusionsearch.schedule import stages_of, uses_library_gemm
+from fusionsearch.resources import cutlass_include_dirs, kernels_dir
+from fusionsearch.schedule import hopper_gemm, stages_of, uses_library_gemm
 
 GENERATED = [s for s in all_segments() if not uses_library_gemm(s)]
 
@@ -65,6 +65,19 @@ def test_binding_has_one_entry_per_segment_and_lone_gemms_use_cublas():
     assert binding.source.count("nullptr, ") == 6
 
 
+def test_only_hopper_gemm_segments_on_sm90_carry_the_cutlass_path():
+    for segment in GENERATED:
+        for arch in ("90", "90a", "80", "100"):
+            source = render_segment(segment, BERT, arch).source
+            expected = hopper_gemm(segment) is not None and arch.startswith("90")
+            assert ('#include "fs_gemm_sm90.cuh"' in source) == expected, (segment.name, arch)
+            if expected:
+                op = hopper_gemm(segment).op
+                assert f"fs::sm90::segment_gemm<T, Dims, {op}>(a, stream)" in source
+                assert "a.batch * a.seq >= fs::sm90::kMinRows" in source
+                assert "if (err != cudaErrorNotSupported) return err;" in source  # else the generated kernel runs
+
+
 def test_templates_reject_undefined_names():
     env = environment()
     assert env.undefined is jinja2.StrictUndefined
@@ -78,7 +91,7 @@ def test_fp32_has_no_generated_kernels():
         render_segment(Segment(0, 0), LayerConfig(dtype="fp32"), "90")
 
 
-SAMPLE = [Segment(0, 14, True), Segment(0, 14), Segment(6, 7), Segment(3, 4)]
+SAMPLE = [Segment(0, 14, True), Segment(0, 14), Segment(6, 7), Segment(3, 4), Segment(10, 11)]
 
 
 @pytest.mark.nvcc
@@ -91,11 +104,14 @@ def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path)
     source.write_text(unit.source)
     cubin = tmp_path / "unit.cubin"
     result = subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
-                             "-diag-suppress=177", "--keep", f"--keep-dir={tmp_path}", f"-I{kernels_dir()}",
-                             str(source), "-o", str(cubin)], capture_output=True, text=True)
+                             "-diag-suppress=177", "--keep", f"--keep-dir={tmp_path}",
+                             f"-I{kernels_dir()}", *(f"-I{d}" for d in cutlass_include_dirs()), str(source), "-o",
+                             str(cubin)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert cubin.stat().st_size > 0
     # The GPU suite checks SASS for HMMA; here the kept PTX shows the tensor-core instruction was emitted.
     ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))
     if any(st.kind in ("gemm", "attention") for st in stages_of(segment)):
         assert "mma.sync.aligned.m16n8k16" in ptx
+    if hopper_gemm(segment):  # many rows: warpgroup MMA on operands that TMA brings in
+        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx

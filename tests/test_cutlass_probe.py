@@ -1,13 +1,14 @@
-"""The CUTLASS probe (experiments/cutlass_probe/): its GEMM header compiles for sm_90a with warpgroup MMA, and the
-script names the missing headers clearly."""
+"""The CUTLASS probe (experiments/cutlass_probe/): a configuration unit compiles for sm_90a with warpgroup MMA and
+TMA, and unknown configuration names are refused with the known ones."""
 from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from fusionsearch.resources import cutlass_include_dirs, kernels_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "experiments" / "cutlass_probe"
@@ -22,26 +23,25 @@ def _probe_script():
 
 @pytest.mark.nvcc
 @pytest.mark.slow
-def test_bias_gelu_gemm_compiles_for_sm90a_with_warpgroup_mma(tmp_path):
-    pytest.importorskip("cutlass_library", reason="needs the nvidia-cutlass headers (the cutlass extra)")
-    includes = _probe_script().cutlass_include_dirs()
-    unit = tmp_path / "bias_gelu.cu"
-    unit.write_text('#include "gemm_epilogue.cuh"\n'
-                    "template probe::Launch probe::launch<probe::BiasGelu>(int, int, int, const void*, const void*, "
-                    "const void*, const void*, void*, void*, cudaStream_t);\n")
-    cubin = tmp_path / "unit.cubin"
+def test_pingpong_unit_compiles_for_sm90a_with_warpgroup_mma(tmp_path):
+    probe = _probe_script()
+    [unit] = probe.write_units(["pp_128x128_c1x1"], tmp_path / "units")
     result = subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "--expt-relaxed-constexpr",
-                             "-gencode=arch=compute_90a,code=sm_90a", f"-I{PROBE}", *(f"-I{d}" for d in includes),
-                             "--keep", f"--keep-dir={tmp_path}", str(unit), "-o", str(cubin)],
-                            capture_output=True, text=True)
+                             "-gencode=arch=compute_90a,code=sm_90a", f"-I{PROBE}", f"-I{kernels_dir()}",
+                             *(f"-I{d}" for d in cutlass_include_dirs()), "--keep", f"--keep-dir={tmp_path}",
+                             str(unit), "-o", str(tmp_path / "unit.cubin")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
     assert "wgmma.mma_async" in ptx, "the mainloop must use Hopper warpgroup MMA"
     assert "cp.async.bulk.tensor" in ptx, "operands must arrive by TMA"
+    assert (tmp_path / "units" / "configs.inc").read_text() == "PROBE_CONFIG(pp_128x128_c1x1)\n"
 
 
-def test_missing_cutlass_headers_name_the_extra(monkeypatch):
+def test_every_configuration_renders_a_unit_and_unknown_names_are_refused(tmp_path):
     probe = _probe_script()
-    monkeypatch.setitem(sys.modules, "cutlass_library", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match=r"fusionsearch\[cutlass\]"):
-        probe.cutlass_include_dirs()
+    for name, ((tm, tn, tk), _, schedule, scheduler) in probe.CONFIGS.items():
+        source = probe.config_unit(name)
+        assert f"PROBE_DEFINE({name}, fs::sm90::Config<cute::Shape<cute::_{tm}, cute::_{tn}, cute::_{tk}>" in source
+        assert f"fs::sm90::{schedule}, cutlass::gemm::{scheduler}>" in source
+    with pytest.raises(SystemExit, match="unknown configuration.*pp_1x1.*known: coop_128x256_c2x1"):
+        probe.write_units(["pp_128x128_c1x1", "pp_1x1"], tmp_path)

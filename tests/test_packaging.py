@@ -105,3 +105,11 @@ def test_installed_layout_finds_templates_and_kernels_inside_the_package(wheel, 
     assert Path(templates) == site / "fusionsearch" / "templates"
     assert Path(kernels) == site / "fusionsearch" / "kernels"
     assert len(digest) == 16
+
+
+def test_cutlass_pin_in_pyproject_matches_the_one_errors_name():
+    import tomllib
+
+    from fusionsearch.resources import CUTLASS_REQUIREMENT
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert CUTLASS_REQUIREMENT in project["dependencies"]

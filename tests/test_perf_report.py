@@ -1,4 +1,5 @@
-"""experiments/perf_report.py on the CPU: the plans it reads, the report it writes, its argument errors."""
+"""experiments/perf_report.py on the CPU: the plans it reads, the report it writes, its argument errors, the
+baseline worker it shares across shapes."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,8 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from fusionsearch import records
 from fusionsearch.mask import decode
+from fusionsearch.sweep import ShapeSweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +31,89 @@ def _layer(shape, dtype, ours, baselines, goal):
             "plan": decode(41108).describe(), "ours": stats(ours),
             "baselines": {n: stats(v) for n, v in baselines.items()}, "hard_fused": {},
             "best_baseline": best, "speedup": baselines[best] / ours, "floor_share": 5.0 / ours}
+
+
+def latency(us: float) -> dict:
+    return {"median": us, "p20": 0.99 * us, "p80": 1.01 * us, "mean": us, "min": 0.98 * us, "max": 1.02 * us,
+            "repeats": 7}
+
+
+class FakeGpu:
+    """Stands in for the baseline worker pool, the sweeps and the ceilings; notes how each was used."""
+
+    def __init__(self) -> None:
+        self.pools: list = []
+        self.sweeps: list[tuple] = []  # (shape, dtype, pool, how often the pool had been closed by then)
+        self.interrupt_at: int | None = None  # the sweep, counted from 1, that Ctrl-C stops
+
+    def pool(self, devices):
+        gpu = self
+
+        class FakePool:
+            def __init__(self) -> None:
+                self.devices, self.closes = list(devices), 0
+                gpu.pools.append(self)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                self.close()
+
+            def close(self) -> None:
+                self.closes += 1
+
+            def environments(self) -> list[dict]:
+                return [records.environment()]
+
+        return FakePool()
+
+    def sweep_shape(self, cfg, path, *, plans, segments, pool):
+        self.sweeps.append((cfg.shape_text, cfg.dtype, pool, pool.closes))
+        if len(self.sweeps) == self.interrupt_at:
+            raise KeyboardInterrupt
+        found = [records.make_record(plan, cfg, "ok", latency_us=latency(50.0)) for plan in plans]
+        found.append(records.make_record("sdpa_graph", cfg, "ok", latency_us=latency(100.0)))
+        return ShapeSweep({"ok": len(plans)}, 0.0, {}, found)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    fake = FakeGpu()
+    monkeypatch.setattr("fusionsearch.worker.WorkerPool", fake.pool)
+    monkeypatch.setattr("fusionsearch.sweep.sweep_shape", fake.sweep_shape)
+    monkeypatch.setattr("fusionsearch.baselines.measure_ceilings",
+                        lambda dtype: {"peak_tflops": 750.0, "bandwidth_tbs": 3.0})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    return fake
+
+
+def run_report(tmp_path, *shapes) -> int:
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps({"shapes": [{"shape": s, "best": {"mask": 41108}} for s in shapes]}))
+    return _perf_module().main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--sweeps",
+                                str(tmp_path / "no-sweeps"), "--shapes", *shapes, "--e2e-shapes"])
+
+
+def test_one_baseline_worker_serves_every_shape_and_dtype_and_is_closed_at_the_end(gpu, tmp_path):
+    assert run_report(tmp_path, "1x32", "8x128") == 0
+    (pool,) = gpu.pools
+    assert pool.devices == ["cuda:0"] and pool.closes == 1
+    assert [(shape, dtype) for shape, dtype, *_ in gpu.sweeps] == [
+        ("1x32", "fp16"), ("8x128", "fp16"), ("1x32", "bf16"), ("8x128", "bf16")]
+    assert all(used is pool and closes == 0 for *_, used, closes in gpu.sweeps)
+    report = json.loads((tmp_path / "perf.json").read_text())
+    assert [row["speedup"] for row in report["layers"]] == [2.0] * 4
+
+
+def test_an_interrupted_report_closes_its_baseline_worker(gpu, tmp_path):
+    gpu.interrupt_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_report(tmp_path, "1x32", "8x128")
+    (pool,) = gpu.pools
+    assert pool.closes == 1 and len(gpu.sweeps) == 2
+    assert not (tmp_path / "perf.json").exists()
 
 
 def test_best_masks_name_a_canonical_plan_for_every_committed_shape():

@@ -1,6 +1,6 @@
 """How segments split into stages: epilogues, prologues, absorbed elementwise operators, barriers."""
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.schedule import barrier_count, stages_of, tensors_written
+from fusionsearch.schedule import barrier_count, hopper_gemm, stages_of, tensors_written
 
 
 def _shape(segment):
@@ -47,3 +47,11 @@ def test_runtime_allocates_exactly_what_stages_write():
     assert tensors_written([Segment(0, 14, True)]) == {"qkv_heads", "ctx", "attn_res", "attn_out", "ffn_act",
                                                        "ffn_res", "out"}
     assert "probs" in tensors_written([Segment(2, 5)])
+
+
+def test_hopper_gemm_segments_are_exactly_a_linear_gemm_with_its_epilogue():
+    hopper = {seg.name: hopper_gemm(seg).op for seg in all_segments() if hopper_gemm(seg)}
+    assert hopper == {"seg_07_08": 7, "seg_10_11": 10, "seg_12_13": 12}
+    assert hopper_gemm(Segment(6, 8)) is None  # merge-heads prologue: CUTLASS reads plain rows only
+    assert hopper_gemm(Segment(10, 10)) is None  # a lone GEMM goes to cuBLAS
+    assert hopper_gemm(Segment(0, 1)) is None  # the QKV split writes a head layout

@@ -1,0 +1,192 @@
+// Hopper GEMMs with fused epilogues through CUTLASS 3.x: TMA loads, warpgroup MMA and a warp-specialized
+// persistent schedule, which our mma.sync GEMM (fs_gemm.cuh) cannot match at many rows. y = x·Wᵀ, then
+// + bias (+ residual) or GELU(· + bias), for x [M, K] row-major and W [N, K] as nn.Linear stores it (a K-major B
+// operand). Needs sm_90a. experiments/cutlass_probe.py measures the configurations against cuBLAS.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#include "fs_args.h"
+
+namespace fs::sm90 {
+using namespace cute;
+
+template <class T> struct CutlassType;
+template <> struct CutlassType<half> { using type = cutlass::half_t; };
+template <> struct CutlassType<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
+template <> struct CutlassType<cutlass::half_t> { using type = cutlass::half_t; };
+
+using Acc = float;
+using LayoutX = cutlass::layout::RowMajor;
+using LayoutW = cutlass::layout::ColumnMajor;  // W [N, K] row-major is B [K, N] column-major
+using LayoutY = cutlass::layout::RowMajor;
+
+// Cooperative: both consumer warpgroups share one tile. Pingpong: each owns a tile and its epilogue overlaps the
+// other's mainloop. Stream-K splits the K loop of the last wave's tiles across idle SMs.
+struct Cooperative {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+struct Pingpong {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+template <class Tile, class Cluster, class Schedule, class Scheduler = cutlass::gemm::PersistentScheduler>
+struct Config {
+  using TileShape = Tile;
+  using ClusterShape = Cluster;
+  using KernelSchedule = typename Schedule::Kernel;
+  using EpilogueSchedule = typename Schedule::Epilogue;
+  using TileScheduler = Scheduler;
+};
+
+// The epilogues, for storage type E: y = acc; y = acc + bias + beta·C; y = GELU(acc + bias) (erf form).
+template <class E> using Plain = cutlass::epilogue::fusion::LinearCombination<E, Acc, E, Acc>;
+template <class E> using BiasAdd =
+    cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, E, Acc, E, E, Acc>;
+template <class E> using BiasGelu =
+    cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::GELU, E, Acc, E, E, Acc>;
+
+template <class E, class Cfg, class FusionOp> struct Gemm {
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<E>::value;  // 16-byte TMA rows
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Cfg::TileShape, typename Cfg::ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc, E, LayoutY, kAlign, E, LayoutY, kAlign,
+      typename Cfg::EpilogueSchedule, FusionOp>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E, LayoutX, kAlign, E, LayoutW, kAlign, Acc,
+      typename Cfg::TileShape, typename Cfg::ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      typename Cfg::KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      typename Cfg::TileScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// y[M, N] = x[M, K]·W[N, K]ᵀ with the epilogue's bias [N] and residual [M, N] (CUTLASS's C, read when given).
+struct Problem {
+  int M, N, K;
+  const void* x;
+  const void* w;
+  const void* bias;
+  const void* residual;
+  void* y;
+};
+
+// Tile order: raster 0 = CUTLASS's heuristic, 1 = along M, 2 = along N; swizzle groups 1, 2, 4 or 8 tiles.
+struct Options {
+  int raster = 0;
+  int swizzle = 1;
+};
+
+template <class E, class Cfg, class FusionOp>
+typename Gemm<E, Cfg, FusionOp>::Device::Arguments arguments(const Problem& p, Options options) {
+  using Kernel = typename Gemm<E, Cfg, FusionOp>::Device::GemmKernel;
+  auto stride_x = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(p.M, p.K, 1));
+  auto stride_w = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(p.N, p.K, 1));
+  auto stride_y = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, make_shape(p.M, p.N, 1));
+  const E* c = static_cast<const E*>(p.residual ? p.residual : p.y);
+  typename Gemm<E, Cfg, FusionOp>::Device::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {p.M, p.N, p.K, 1},
+      {static_cast<const E*>(p.x), stride_x, static_cast<const E*>(p.w), stride_w},
+      {{}, c, stride_y, static_cast<E*>(p.y), stride_y}};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = p.residual ? 1.f : 0.f;
+  if constexpr (!std::is_same_v<FusionOp, Plain<E>>) args.epilogue.thread.bias_ptr = static_cast<const E*>(p.bias);
+  using Raster = typename Kernel::TileScheduler::RasterOrderOptions;
+  args.scheduler.raster_order = options.raster == 1 ? Raster::AlongM : options.raster == 2 ? Raster::AlongN
+                                                                                              : Raster::Heuristic;
+  args.scheduler.max_swizzle_size = options.swizzle;
+  return args;
+}
+
+template <class E, class Cfg, class FusionOp> size_t workspace_bytes(const Problem& p, Options options) {
+  return Gemm<E, Cfg, FusionOp>::Device::get_workspace_size(arguments<E, Cfg, FusionOp>(p, options));
+}
+
+enum class Outcome { kLaunched, kUnsupported, kInitializeFailed, kLaunchFailed };
+
+// Launch on `stream` with `workspace` (workspace_bytes of it). kUnsupported: CUTLASS cannot run this problem
+// (alignment, shape), nothing was launched.
+template <class E, class Cfg, class FusionOp>
+Outcome launch(const Problem& p, Options options, void* workspace, cudaStream_t stream) {
+  typename Gemm<E, Cfg, FusionOp>::Device gemm;
+  auto args = arguments<E, Cfg, FusionOp>(p, options);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return Outcome::kUnsupported;
+  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return Outcome::kInitializeFailed;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return Outcome::kLaunchFailed;
+  return Outcome::kLaunched;
+}
+
+// --- The layer's GEMM + epilogue segments (operators 7–8, 10–11, 12–13) ---
+
+// From this many rows on, the segment runs here; below it, fs_gemm.cuh's split-K tiles keep more SMs busy.
+constexpr int kMinRows = 2048;
+
+// The fastest configuration per GEMM + epilogue at 8192 and 32768 rows in experiments/cutlass_probe.py (H100):
+// 256×128 cooperative tiles for FFN1 + GELU, 128×128 pingpong tiles for the two N = hidden GEMMs.
+template <int OP> using SegmentConfig = std::conditional_t<
+    OP == 10, Config<Shape<_256, _128, _64>, Shape<_1, _2, _1>, Cooperative>,
+    Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>>;
+
+__host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
+
+// Whether the current device is sm_90. The kernels above exist only in sm_90a builds; a library rebuilt for
+// another GPU (an exported plan) keeps to its generated kernels.
+inline bool on_sm90() {
+  static int capability[64] = {0};  // major·10 + minor per device, 0 until asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (capability[device] == 0) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+      return false;
+    capability[device] = major * 10 + minor;
+  }
+  return capability[device] == 90;
+}
+
+// Operator OP (7, 10 or 12) with the next operator as its epilogue, on fs::LayerArgs buffers.
+// cudaErrorNotSupported: not an sm_90 GPU, or CUTLASS cannot run this problem; nothing was launched and the
+// caller runs its own kernel.
+template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a, cudaStream_t stream) {
+  static_assert(has_segment_gemm(OP), "only out_gemm, ffn1_gemm and ffn2_gemm have a CUTLASS segment");
+  if (!on_sm90()) return cudaErrorNotSupported;
+  using E = typename CutlassType<T>::type;
+  using FusionOp = std::conditional_t<OP == 10, BiasGelu<E>, BiasAdd<E>>;
+  const Problem p{a.batch * a.seq,
+                  OP == 10 ? D::ffn : D::hidden,
+                  OP == 12 ? D::ffn : D::hidden,
+                  OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act,
+                  OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2,
+                  OP == 7 ? a.b_o : OP == 10 ? a.b_ffn1 : a.b_ffn2,
+                  OP == 7 ? a.x : OP == 10 ? nullptr : a.attn_out,
+                  OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res};
+  // The persistent scheduler needs no workspace; a configuration that does would need the binding to allocate it.
+  if (workspace_bytes<E, SegmentConfig<OP>, FusionOp>(p, {}) != 0) return cudaErrorInvalidConfiguration;
+  switch (launch<E, SegmentConfig<OP>, FusionOp>(p, {}, nullptr, stream)) {
+    case Outcome::kLaunched: return cudaGetLastError();
+    case Outcome::kUnsupported: return cudaErrorNotSupported;
+    default: {
+      const cudaError_t error = cudaGetLastError();
+      return error != cudaSuccess ? error : cudaErrorLaunchFailure;
+    }
+  }
+}
+
+}  // namespace fs::sm90
