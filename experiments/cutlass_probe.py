@@ -10,7 +10,7 @@ time. Per GEMM and row count, and per variant (the plain GEMM; the epilogue the 
   1. every configuration with CUTLASS's default raster order, the fastest kept;
   2. that configuration under each raster order and swizzle in OPTIONS, the fastest kept;
   3. against cuBLAS (F.linear), or for the fused variant cuBLAS plus the separate PyTorch op:
-     FFN1: GELU(x·Wᵀ + b) against F.linear(x, W, b) then GELU;
+     FFN1: GELU(x·Wᵀ + b), with CUTLASS's erff or fs::gelu_erf_fast, against F.linear(x, W, b) then GELU;
      attention output and FFN2: x·Wᵀ + b + residual against F.linear(x, W, b) + residual.
 Every CUTLASS output is checked against an fp32 reference (into NaN-poisoned memory) before it is timed; timings
 are CUDA events over graph replays with the L2 flushed before each sample. The cuBLAS kernel's name (its tile
@@ -34,10 +34,10 @@ from fusionsearch.resources import cutlass_include_dirs, kernels_dir  # noqa: E4
 from fusionsearch.timing import time_cuda_graph  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "cutlass_probe"
-# name: (N, K, fused epilogue) of y[M, N] = x[M, K]·W[N, K]ᵀ in a BERT-base layer
-GEMMS = {"qkv": (2304, 768, None), "attn_out": (768, 768, "bias_residual"), "ffn1": (3072, 768, "bias_gelu"),
-         "ffn2": (768, 3072, "bias_residual")}
-EPILOGUE_CODE = {None: 0, "bias_gelu": 1, "bias_residual": 2}  # probe::Epilogue
+# name: (N, K, fused epilogues) of y[M, N] = x[M, K]·W[N, K]ᵀ in a BERT-base layer
+GEMMS = {"qkv": (2304, 768, ()), "attn_out": (768, 768, ("bias_residual",)),
+         "ffn1": (3072, 768, ("bias_gelu", "bias_gelu_fast")), "ffn2": (768, 3072, ("bias_residual",))}
+EPILOGUE_CODE = {None: 0, "bias_gelu": 1, "bias_residual": 2, "bias_gelu_fast": 3}  # probe::Epilogue
 # name: (tile M, N, K), (cluster M, N), schedule, tile scheduler
 CONFIGS = {
     "coop_128x256_c2x1": ((128, 256, 64), (2, 1), "Cooperative", "PersistentScheduler"),
@@ -123,7 +123,7 @@ class Problem:
     """Random operands of one BERT GEMM at `rows` rows, the fp32 references and the cuBLAS calls."""
 
     def __init__(self, name: str, rows: int, seed: int = 0):
-        n, k, self.epilogue = GEMMS[name]
+        n, k, self.epilogues = GEMMS[name]
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.x = torch.randn(rows, k, generator=gen, device="cuda").half()
         self.w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).half()
@@ -131,12 +131,14 @@ class Problem:
         self.r = torch.randn(rows, n, generator=gen, device="cuda").half()
         self.shape, self.flops = (rows, n), 2.0 * rows * n * k
         exact = self.x.float() @ self.w.float().T
-        self.reference = {None: exact, "bias_gelu": F.gelu(exact + self.b.float()),
+        gelu = F.gelu(exact + self.b.float())
+        self.reference = {None: exact, "bias_gelu": gelu, "bias_gelu_fast": gelu,
                           "bias_residual": exact + self.b.float() + self.r.float()}
 
     def cublas(self, epilogue):
         x, w, b, r = self.x, self.w, self.b, self.r
-        return {None: lambda: F.linear(x, w), "bias_gelu": lambda: F.gelu(F.linear(x, w, b)),
+        gelu = lambda: F.gelu(F.linear(x, w, b))  # noqa: E731
+        return {None: lambda: F.linear(x, w), "bias_gelu": gelu, "bias_gelu_fast": gelu,
                 "bias_residual": lambda: F.linear(x, w, b) + r}[epilogue]
 
     def cutlass(self, module, config: str, epilogue, option=(0, 1)):
@@ -168,7 +170,7 @@ def measure(module, rows: int, name: str, configs: list[str]) -> dict:
     problem = Problem(name, rows)
     row = {"gemm": name, "M": rows, "N": problem.shape[1], "K": GEMMS[name][1], "flops": problem.flops,
            "cublas_kernels": library_kernels(problem.cublas(None))}
-    for epilogue in (None, problem.epilogue) if problem.epilogue else (None,):
+    for epilogue in (None, *problem.epilogues):
         label = epilogue or "plain"
         library = problem.cublas(epilogue)
         row[label] = {"cublas_err": rel_error(library(), problem.reference[epilogue]),
@@ -179,7 +181,7 @@ def measure(module, rows: int, name: str, configs: list[str]) -> dict:
 
 def summary_line(row: dict) -> str:
     parts = []
-    for label in ("plain", "bias_gelu", "bias_residual"):
+    for label in ("plain", *(e for e in EPILOGUE_CODE if e)):
         if label in row:
             v = row[label]
             parts.append(f"{label}: cuBLAS{'' if label == 'plain' else ' + op'} {v['cublas']['median']:.1f} µs, "

@@ -41,8 +41,9 @@ def device_facts() -> dict:
             "cpus": os.cpu_count()}
 
 
-# Imported by the test modules at collection time: one missing would stop pytest after the builds have run.
-REQUIRED_MODULES = ("jinja2", "numpy", "pandas", "scipy", "xgboost")
+# Imported by the test modules at collection time, or (cutlass_library: its headers) needed by the Hopper GEMM
+# builds: one missing would stop the run after minutes of builds.
+REQUIRED_MODULES = ("jinja2", "numpy", "pandas", "scipy", "xgboost", "cutlass_library")
 
 
 def missing_modules() -> list[str]:

@@ -19,6 +19,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "fs_args.h"
+#include "fs_common.cuh"
 
 namespace fs::sm90 {
 using namespace cute;
@@ -53,12 +54,36 @@ struct Config {
   using TileScheduler = Scheduler;
 };
 
-// The epilogues, for storage type E: y = acc; y = acc + bias + beta·C; y = GELU(acc + bias) (erf form).
+// CUTLASS activation functor for fs::gelu_erf_fast (CUTLASS's own GELU calls erff), element-wise on fragments.
+template <class T> struct GeluErfFast {
+  static constexpr bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE T operator()(T const& value) const {
+#if defined(__CUDA_ARCH__)
+    return T(gelu_erf_fast(static_cast<float>(value)));
+#else
+    const float x = static_cast<float>(value);
+    return T(0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)));
+#endif
+  }
+};
+template <class T, int N> struct GeluErfFast<cutlass::Array<T, N>> {
+  static constexpr bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& values) const {
+    cutlass::Array<T, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = GeluErfFast<T>{}(values[i]);
+    return out;
+  }
+};
+
+// The epilogues, for storage type E: y = acc; y = acc + bias + beta·C; y = GELU(acc + bias) with CUTLASS's erff
+// or with gelu_erf_fast.
 template <class E> using Plain = cutlass::epilogue::fusion::LinearCombination<E, Acc, E, Acc>;
 template <class E> using BiasAdd =
     cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, E, Acc, E, E, Acc>;
 template <class E> using BiasGelu =
     cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::GELU, E, Acc, E, E, Acc>;
+template <class E> using BiasGeluFast = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<GeluErfFast, E, Acc, E, E, Acc>;
 
 template <class E, class Cfg, class FusionOp> struct Gemm {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<E>::value;  // 16-byte TMA rows
@@ -137,10 +162,11 @@ Outcome launch(const Problem& p, Options options, void* workspace, cudaStream_t 
 // From this many rows on, the segment runs here; below it, fs_gemm.cuh's split-K tiles keep more SMs busy.
 constexpr int kMinRows = 2048;
 
-// The fastest configuration per GEMM + epilogue at 8192 and 32768 rows in experiments/cutlass_probe.py (H100):
-// 256×128 cooperative tiles for FFN1 + GELU, 128×128 pingpong tiles for the two N = hidden GEMMs.
+// The fastest configuration per GEMM + epilogue at 8192 and 32768 rows in experiments/cutlass_probe.py (H100,
+// experiments/results/cutlass-probe-h100.md): 128×256 cooperative tiles on a 2×1 cluster for FFN1 + GELU,
+// 128×128 pingpong tiles for the two N = hidden GEMMs + bias + residual.
 template <int OP> using SegmentConfig = std::conditional_t<
-    OP == 10, Config<Shape<_256, _128, _64>, Shape<_1, _2, _1>, Cooperative>,
+    OP == 10, Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Cooperative>,
     Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>>;
 
 __host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
@@ -168,7 +194,7 @@ template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a,
   static_assert(has_segment_gemm(OP), "only out_gemm, ffn1_gemm and ffn2_gemm have a CUTLASS segment");
   if (!on_sm90()) return cudaErrorNotSupported;
   using E = typename CutlassType<T>::type;
-  using FusionOp = std::conditional_t<OP == 10, BiasGelu<E>, BiasAdd<E>>;
+  using FusionOp = std::conditional_t<OP == 10, BiasGeluFast<E>, BiasAdd<E>>;
   const Problem p{a.batch * a.seq,
                   OP == 10 ? D::ffn : D::hidden,
                   OP == 12 ? D::ffn : D::hidden,

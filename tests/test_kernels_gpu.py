@@ -11,7 +11,7 @@ import pytest
 
 from fusionsearch.config import LayerConfig
 from fusionsearch.errors import ConfigError
-from fusionsearch.plan import Plan, all_segments, enumerate_plans
+from fusionsearch.plan import Plan, Segment, all_segments, enumerate_plans
 from fusionsearch.schedule import stages_of, uses_library_gemm
 from gpu_support import library_for
 
@@ -28,9 +28,11 @@ def _weights(cfg):
 def _random_plans(count: int, seed: int) -> list[Plan]:
     plans = list(enumerate_plans())
     rng = random.Random(seed)
-    picked = rng.sample(plans, count - 2)
-    # Always include the extremes: fully unfused and everything in one kernel with the attention kernel.
-    return [Plan.from_cuts(set(range(1, 15))), Plan.from_cuts(set(), attention=True), *picked]
+    picked = rng.sample(plans, count - 3)
+    # Always include the extremes (fully unfused; everything in one kernel with the attention kernel) and the plan
+    # with all three Hopper GEMM + epilogue segments.
+    return [Plan.from_cuts(set(range(1, 15))), Plan.from_cuts(set(), attention=True),
+            Plan.from_cuts({1, 2, 7, 9, 10, 12, 14}, attention=True), *picked]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,6 +66,33 @@ def test_random_plans_match_reference_end_to_end(dtype, shape):
         budget = verify_plan(layer, weights, cfg, seed=index)
         if not budget.ok:
             failures.append(f"mask {plan.mask} {plan.describe()}: {budget.reason}")
+    assert not failures, "\n".join(failures)
+
+
+HOPPER_SEGMENTS = (Segment(7, 8), Segment(10, 11), Segment(12, 13))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_at_2048_rows(dtype):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from fusionsearch.verify import verify_segment
+
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    failures = []
+    for batch, seq in ((4, 128), (16, 128), (8, 512), (3, 997)):  # 512 rows: below the switch; 2991: ragged tiles
+        cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
+        library, weights = library_for(cfg), _weights(cfg)
+        for segment in HOPPER_SEGMENTS:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                budget = verify_segment(library, segment, weights, cfg, seed=batch)
+            names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+            cutlass = any("cutlass" in n and "device_kernel" in n for n in names)
+            generated = any(n.startswith(f"fs_{segment.name}_") for n in names)
+            expect_cutlass = sm90 and batch * seq >= 2048
+            if not budget.ok or cutlass != expect_cutlass or generated == expect_cutlass:
+                failures.append(f"{segment.name} at {batch}x{seq}: {budget.reason or 'ok'}, CUTLASS ran: {cutlass}, "
+                                f"generated kernel ran: {generated}")
     assert not failures, "\n".join(failures)
 
 

@@ -43,11 +43,12 @@ torch::Tensor gemm(const std::string& config, int64_t epilogue, const torch::Ten
   check(x, "x");
   check(w, "w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K] must share K");
-  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "epilogue must be 0 (plain), 1 (bias+GELU) or 2 (bias+residual)");
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 3,
+              "epilogue must be 0 (plain), 1 (bias+GELU), 2 (bias+residual) or 3 (bias+GELU, fast erf)");
   const auto kind = static_cast<probe::Epilogue>(epilogue);
   const int M = x.size(0), N = w.size(0), K = x.size(1);
   TORCH_CHECK(K % 8 == 0 && N % 8 == 0, "K and N must be multiples of 8 (16-byte TMA rows)");
-  if (kind != probe::Epilogue::kPlain) {
+  if (kind != probe::Epilogue::kPlain) {  // every other epilogue adds the bias
     check(bias, "bias");
     TORCH_CHECK(bias.numel() == N, "bias must hold N = ", N, " values");
   }
