@@ -3,7 +3,7 @@
 
     PYTHONPATH=. python experiments/perf_report.py --out experiments/results/perf-h100 \
         [--plans experiments/results/sweeps-h100.json] [--sweeps experiments/data/sweeps] [--candidates 3] \
-        [--shapes 1x32 …] [--dtypes fp16 bf16] [--e2e-shapes 1x128 16x128 64x512]
+        [--shapes 1x32 …] [--dtypes fp16 bf16] [--e2e-shapes 1x128 16x128 64x512] [--extra-masks M …]
 
 Our plan at each shape is the fastest, re-timed in this run, of a few candidates from the recorded fp16 sweep
 (--sweeps): its k fastest plans and its k fastest with the attention kernel, since the kernels may have changed
@@ -166,7 +166,9 @@ def markdown(report: dict) -> str:
              "CUDA-graph replays with weights and inputs rotated past the L2; every plan was checked against the "
              "fp32 reference first. Our plan is the fastest, re-timed here, of the recorded fp16 sweep's "
              f"{meta.get('candidates', 3)} fastest plans and its {meta.get('candidates', 3)} fastest with the "
-             "attention kernel (`data/sweeps/`, `results/sweeps-h100.md`); end to end runs the fp16 winner.", ""]
+             "attention kernel (`data/sweeps/`, `results/sweeps-h100.md`)"
+             + (f", plus plans {', '.join(map(str, meta['extra_masks']))} at every shape" if meta.get("extra_masks")
+                else "") + "; end to end runs the fp16 winner.", ""]
     for dtype in report["dtypes"]:
         rows = [r for r in report["layers"] if r["dtype"] == dtype]
         names = sorted({b for r in rows for b in r["baselines"]})
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="recorded sweeps (sweep-<shape>-fp16.jsonl.gz) to draw candidate plans from")
     parser.add_argument("--candidates", type=int, default=3,
                         help="re-time the k fastest recorded plans and the k fastest with the attention kernel")
+    parser.add_argument("--extra-masks", nargs="*", type=int, default=[],
+                        help="plans to re-time at every shape besides the sweep's, e.g. ones built from segments "
+                             "whose kernels changed since the sweep")
     args = parser.parse_args(argv)
     masks = best_masks(args.plans)
     missing = [s for s in set(args.shapes) | set(args.e2e_shapes) if s not in masks]
@@ -230,14 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"meta": {"gpu": env["gpu"]["name"], "torch": env["torch"], "cuda": env["cuda"],
                        "template_hash": env["template_hash"],
                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "candidates": args.candidates},
+                       "candidates": args.candidates, "extra_masks": args.extra_masks},
               "dtypes": args.dtypes, "ceilings": {}, "layers": [], "e2e": []}
     # The worker starts up while the candidates are read, and is closed before end to end, which needs none.
     with baseline_pool() as pool:
         candidates = {}
         for shape in args.shapes:
             sweep = args.sweeps / f"sweep-{shape}-fp16.jsonl.gz"
-            candidates[shape] = candidate_masks(sweep, args.candidates) if sweep.exists() else [masks[shape]]
+            recorded = candidate_masks(sweep, args.candidates) if sweep.exists() else [masks[shape]]
+            candidates[shape] = list(dict.fromkeys(recorded + args.extra_masks))
         pool.environments()  # ready before anything is timed: its CUDA set-up must not disturb a timing
         for dtype in args.dtypes:
             report["ceilings"][dtype] = baselines.measure_ceilings(dtype)
