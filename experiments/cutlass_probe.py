@@ -1,6 +1,7 @@
 """CUTLASS 3.x Hopper GEMMs with fused epilogues against cuBLAS on the four BERT-base GEMMs, same process.
 
     PYTHONPATH=. python experiments/cutlass_probe.py [--rows 2048 32768] [--configs NAME ...] [--out F.json]
+    PYTHONPATH=. python experiments/cutlass_probe.py --render F.json ...   # tables of earlier runs, no GPU
 
 Needs an sm_90 GPU (H100/H200).
 Builds the GEMM of kernels/fs_gemm_sm90.cuh (what the layer's GEMM + epilogue segments run on Hopper) as one
@@ -190,6 +191,47 @@ def summary_line(row: dict) -> str:
     return f"M={row['M']} {row['gemm']}: " + "; ".join(parts) + f" | cuBLAS kernel {row['cublas_kernels']}"
 
 
+# What the layer's Hopper segments run (kernels/fs_gemm_sm90.cuh SegmentConfig): GEMM → (epilogue, configuration).
+SEGMENT_CONFIGS = {"attn_out": ("bias_residual", "pp_128x128_c1x1"), "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1"),
+                   "ffn2": ("bias_residual", "pp_128x128_c1x1")}
+
+
+def _cell(stats: dict) -> str:
+    return f"{stats['median']:.1f} ({stats['tflops']:.0f})"
+
+
+def markdown(result: dict) -> str:
+    """The tables of one probe run: the best configuration per problem, then the ones the segments use."""
+    lines = [f"## {result['device']}, torch {result['torch']}: {len(result['configs'])} configurations built in "
+             f"{result['build_s']:.0f} s", "",
+             "µs (TFLOP/s) as the median of CUDA-event timings over graph replays, L2 flushed before each sample; "
+             "errors are relative to the fp32 product. Fused variants are timed against cuBLAS plus the separate "
+             "PyTorch op.", "",
+             "| GEMM | M×N×K | variant | cuBLAS (+ op) | CUTLASS, best | configuration (raster, swizzle) | ratio | "
+             "error CUTLASS / cuBLAS |", "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        for label in ("plain", *(e for e in EPILOGUE_CODE if e)):
+            if label in row:
+                v = row[label]
+                lines.append(f"| {row['gemm']} | {row['M']}×{row['N']}×{row['K']} | {label} | {_cell(v['cublas'])} | "
+                             f"{_cell(v['best'])} | {v['config']} {tuple(v['option'])} | {v['ratio']:.2f} | "
+                             f"{v['best']['err']:.1e} / {v['cublas_err']:.1e} |")
+    lines += ["", "The configurations the segments use, CUTLASS's default tile order:", "",
+              "| GEMM | M | epilogue | configuration | cuBLAS + op | segment GEMM | ratio | plain: cuBLAS | "
+              "plain: same configuration | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        epilogue, config = SEGMENT_CONFIGS.get(row["gemm"], (None, None))
+        if epilogue not in row or config not in row[epilogue]["configs"]:
+            continue
+        fused, plain = row[epilogue], row["plain"]
+        ours, mine = fused["configs"][config], plain["configs"][config]
+        lines.append(f"| {row['gemm']} | {row['M']} | {epilogue} | {config} | {fused['cublas']['median']:.1f} | "
+                     f"{ours['median']:.1f} | {ours['median'] / fused['cublas']['median']:.2f} | "
+                     f"{plain['cublas']['median']:.1f} | {mine['median']:.1f} | "
+                     f"{mine['median'] / plain['cublas']['median']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[2048, 32768], help="M = batch × sequence length")
@@ -198,7 +240,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FUSIONSEARCH_CACHE_DIR", ".fscache")) /
                         "cutlass_probe")
+    parser.add_argument("--render", nargs="+", type=Path, default=None,
+                        help="print the markdown of earlier runs' JSON files instead of measuring")
     args = parser.parse_args()
+    if args.render:
+        print("\n".join(markdown(json.loads(path.read_text())) for path in args.render), end="")
+        return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("cutlass_probe: needs an sm_90 GPU (H100/H200); the kernels use Hopper TMA and wgmma")
     module, build_s = build(args.cache, args.configs)
@@ -211,6 +258,7 @@ def main() -> int:
             print(summary_line(result["rows"][-1]), flush=True)
             if args.out:  # after every row, so a killed run keeps what it measured
                 args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result), end="")
     return 0
 
 
