@@ -45,6 +45,7 @@ class FakeGpu:
         self.pools: list = []
         self.sweeps: list[tuple] = []  # (shape, dtype, pool, how often the pool had been closed by then)
         self.interrupt_at: int | None = None  # the sweep, counted from 1, that Ctrl-C stops
+        self.masks: list[list[int]] = []  # the plans each sweep timed
 
     def pool(self, devices):
         gpu = self
@@ -70,6 +71,7 @@ class FakeGpu:
 
     def sweep_shape(self, cfg, path, *, plans, segments, pool):
         self.sweeps.append((cfg.shape_text, cfg.dtype, pool, pool.closes))
+        self.masks.append([plan.mask for plan in plans])
         if len(self.sweeps) == self.interrupt_at:
             raise KeyboardInterrupt
         found = [records.make_record(plan, cfg, "ok", latency_us=latency(50.0)) for plan in plans]
@@ -89,11 +91,19 @@ def gpu(monkeypatch):
     return fake
 
 
-def run_report(tmp_path, *shapes) -> int:
+def run_report(tmp_path, *shapes, extra: tuple[str, ...] = ()) -> int:
     plans = tmp_path / "plans.json"
     plans.write_text(json.dumps({"shapes": [{"shape": s, "best": {"mask": 41108}} for s in shapes]}))
     return _perf_module().main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--sweeps",
-                                str(tmp_path / "no-sweeps"), "--shapes", *shapes, "--e2e-shapes"])
+                                str(tmp_path / "no-sweeps"), "--shapes", *shapes, "--e2e-shapes", *extra])
+
+
+def test_extra_masks_are_timed_at_every_shape_once_and_named_in_the_report(gpu, tmp_path):
+    assert run_report(tmp_path, "1x32", "8x128", extra=("--dtypes", "fp16", "--extra-masks", "41179", "41108")) == 0
+    hand_fused = len(_perf_module().HARD_CODED)  # those plans come last
+    candidates = [masks[:-hand_fused] for masks in gpu.masks]
+    assert candidates == [[41108, 41179], [41108, 41179]]
+    assert "plus plans 41179, 41108 at every shape" in (tmp_path / "perf.md").read_text()
 
 
 def test_one_baseline_worker_serves_every_shape_and_dtype_and_is_closed_at_the_end(gpu, tmp_path):
