@@ -180,14 +180,17 @@ def measure(module, rows: int, name: str, configs: list[str]) -> dict:
     return row
 
 
+def variants(row: dict) -> list[tuple[str, dict]]:
+    """(label, measurements) of each variant a row holds: the plain GEMM first, then its epilogues."""
+    return [(label, row[label]) for label in ("plain", *(e for e in EPILOGUE_CODE if e)) if label in row]
+
+
 def summary_line(row: dict) -> str:
     parts = []
-    for label in ("plain", *(e for e in EPILOGUE_CODE if e)):
-        if label in row:
-            v = row[label]
-            parts.append(f"{label}: cuBLAS{'' if label == 'plain' else ' + op'} {v['cublas']['median']:.1f} µs, "
-                         f"CUTLASS {v['config']} {tuple(v['option'])} {v['best']['median']:.1f} µs "
-                         f"({v['best']['tflops']:.0f} TFLOP/s, ×{v['ratio']:.2f}, err {v['best']['err']:.1e})")
+    for label, v in variants(row):
+        parts.append(f"{label}: cuBLAS{'' if label == 'plain' else ' + op'} {v['cublas']['median']:.1f} µs, "
+                     f"CUTLASS {v['config']} {tuple(v['option'])} {v['best']['median']:.1f} µs "
+                     f"({v['best']['tflops']:.0f} TFLOP/s, ×{v['ratio']:.2f}, err {v['best']['err']:.1e})")
     return f"M={row['M']} {row['gemm']}: " + "; ".join(parts) + f" | cuBLAS kernel {row['cublas_kernels']}"
 
 
@@ -210,12 +213,10 @@ def markdown(result: dict) -> str:
              "| GEMM | M×N×K | variant | cuBLAS (+ op) | CUTLASS, best | configuration (raster, swizzle) | ratio | "
              "error CUTLASS / cuBLAS |", "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        for label in ("plain", *(e for e in EPILOGUE_CODE if e)):
-            if label in row:
-                v = row[label]
-                lines.append(f"| {row['gemm']} | {row['M']}×{row['N']}×{row['K']} | {label} | {_cell(v['cublas'])} | "
-                             f"{_cell(v['best'])} | {v['config']} {tuple(v['option'])} | {v['ratio']:.2f} | "
-                             f"{v['best']['err']:.1e} / {v['cublas_err']:.1e} |")
+        for label, v in variants(row):
+            lines.append(f"| {row['gemm']} | {row['M']}×{row['N']}×{row['K']} | {label} | {_cell(v['cublas'])} | "
+                         f"{_cell(v['best'])} | {v['config']} {tuple(v['option'])} | {v['ratio']:.2f} | "
+                         f"{v['best']['err']:.1e} / {v['cublas_err']:.1e} |")
     lines += ["", "The configurations the segments use, CUTLASS's default tile order:", "",
               "| GEMM | M | epilogue | configuration | cuBLAS + op | segment GEMM | ratio | plain: cuBLAS | "
               "plain: same configuration | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -3,6 +3,7 @@ TMA, and unknown configuration names are refused with the known ones."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 
@@ -45,3 +46,13 @@ def test_every_configuration_renders_a_unit_and_unknown_names_are_refused(tmp_pa
         assert f"fs::sm90::{schedule}, cutlass::gemm::{scheduler}>" in source
     with pytest.raises(SystemExit, match="unknown configuration.*pp_1x1.*known: coop_128x256_c2x1"):
         probe.write_units(["pp_128x128_c1x1", "pp_1x1"], tmp_path)
+
+
+def test_committed_probe_runs_render_both_tables():
+    probe = _probe_script()
+    result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-h100.json").read_text())
+    text = probe.markdown(result)
+    assert text.count("| plain |") == 12  # four GEMMs at three row counts
+    assert "| ffn2 | 32768×768×3072 | bias_residual |" in text
+    segment_rows = [line for line in text.splitlines() if "| pp_128x128_c1x1 |" in line]
+    assert len(segment_rows) == 6  # attention output and FFN2 at three row counts
