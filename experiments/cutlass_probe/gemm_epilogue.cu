@@ -73,15 +73,8 @@ torch::Tensor gemm(const std::string& config, int64_t epilogue, const torch::Ten
                                                              : "CUTLASS GEMM launch failed");
   return y;
 }
-
-std::vector<std::string> configs() {
-  std::vector<std::string> names;
-  for (const Unit& u : kUnits) names.emplace_back(u.name);
-  return names;
-}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = epilogue(x·Wᵀ) through one CUTLASS configuration");
-  m.def("configs", &configs, "the compiled configuration names");
 }
