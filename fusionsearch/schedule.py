@@ -24,6 +24,8 @@ _ABSORBED_BY = {4: 3, 9: 8, 14: 13}
 _MERGE_HEADS, _OUT_GEMM = 6, 7
 # GEMMs whose GEMM + epilogue segment Hopper runs through CUTLASS at many rows (kernels/fs_gemm_sm90.cuh).
 _HOPPER_SEGMENT_GEMMS = (7, 10, 12)
+# GEMMs that multiply by a weight matrix (the others multiply activations).
+_WEIGHT_GEMMS = (0, 7, 10, 12)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ def stages_of(segment: Segment) -> tuple[Stage, ...]:
             stages.append(Stage("elementwise", op, (op,)))
             op += 1
     return tuple(stages)
+
+
+def prefetched_weights(segment: Segment) -> tuple[int, ...]:
+    """The layer GEMMs whose weights a segment kernel asks L2 for when it starts: every one after its first
+    stage, so the weight stream runs under the stages and barriers before them."""
+    return tuple(stage.op for stage in stages_of(segment)[1:] if stage.kind == "gemm" and stage.op in _WEIGHT_GEMMS)
 
 
 def barrier_count(segment: Segment) -> int:

@@ -187,20 +187,37 @@ __device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B,
       if (!last_arrival) continue;
       __threadfence();
       // Sum every split from memory in split order, so the result does not depend on which block came last.
+      // The fix-up is bound by L2 latency: small tiles read a group of splits before adding them up.
+      constexpr int kGroup = kFrag >= 32 ? 1 : 32 / kFrag;
 #pragma unroll
       for (int i = 0; i < Cfg::MI; ++i)
 #pragma unroll
         for (int j = 0; j < Cfg::NI; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
-      for (int other = 0; other < splits; ++other) {
-        const float* part = sk.partials + (static_cast<long long>(tile) * splits + other) * kFrag * kThreads;
+      for (int first = 0; first < splits; first += kGroup) {
+        float part[kGroup][Cfg::MI][Cfg::NI][4];
 #pragma unroll
-        for (int i = 0; i < Cfg::MI; ++i)
+        for (int s = 0; s < kGroup; ++s) {
+          const int other = first + s < splits ? first + s : first;  // past the end: re-read, never added
+          const float* src = sk.partials + (static_cast<long long>(tile) * splits + other) * kFrag * kThreads;
 #pragma unroll
-          for (int j = 0; j < Cfg::NI; ++j)
+          for (int i = 0; i < Cfg::MI; ++i)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] += __ldcg(part + ((i * Cfg::NI + j) * 4 + r) * kThreads + threadIdx.x);
+            for (int j = 0; j < Cfg::NI; ++j)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) part[s][i][j][r] = __ldcg(src + ((i * Cfg::NI + j) * 4 + r) * kThreads + threadIdx.x);
+        }
+#pragma unroll
+        for (int s = 0; s < kGroup; ++s) {
+          if (first + s >= splits) continue;
+#pragma unroll
+          for (int i = 0; i < Cfg::MI; ++i)
+#pragma unroll
+            for (int j = 0; j < Cfg::NI; ++j)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) acc[i][j][r] += part[s][i][j][r];
+        }
       }
       if (threadIdx.x == 0) sk.counters[tile] = 0;  // ready for the next GEMM that uses this scratch
     }

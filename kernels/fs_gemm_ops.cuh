@@ -7,11 +7,17 @@
 
 namespace fs {
 
-// Tile shapes: layer GEMMs use 64×128 tiles for few rows (more blocks in flight) and 128×128 tiles with a
-// 4-stage pipeline from kWideTileMinRows rows on (twice the reuse of each loaded tile); Q·Kᵀ uses 64×128
-// and P·V 64×head_size.
+// Tile shapes of the layer GEMMs, by rows:
+//  * up to kSkinnyMaxRows, 32×64 tiles with a 6-stage pipeline: the GEMM streams weights from DRAM, and small
+//    tiles give split-K many short K ranges in flight and a small fix-up per tile (64×128 tiles made the
+//    last-arriving block of FFN2 at 32 rows read 24 partial tiles of 32 KB);
+//  * 64×128 tiles in between (more blocks in flight than 128-row tiles);
+//  * 128×128 tiles with a 4-stage pipeline from kWideTileMinRows rows on (twice the reuse of each loaded tile).
+// Q·Kᵀ uses 64×128 and P·V 64×head_size.
+template <class T> using SkinnyTile = GemmTile<T, 32, 64, 2, false, 4>;
 template <class T> using LinearTile = GemmTile<T, 64, 128, 2, false>;
 template <class T> using WideTile = GemmTile<T, 128, 128, 2, false, 4>;
+constexpr int kSkinnyMaxRows = 128;
 constexpr int kWideTileMinRows = 2048;
 template <class T, class D> using PvTile = GemmTile<T, 64, D::d, (D::d == 32 ? 4 : 2), true>;
 
@@ -39,28 +45,52 @@ template <class T, class D, int OP> __host__ __device__ inline GemmShape gemm_sh
 template <class T, class D, int OP> using GemmTileOf =
     typename std::conditional<OP == 5, PvTile<T, D>, LinearTile<T>>::type;
 
+__host__ __device__ constexpr bool is_attention_gemm(int op) { return op == 2 || op == 5; }
 template <class T, class D, int OP> __host__ __device__ inline bool wide_tiles(const GemmShape& g) {
-  return OP != 2 && OP != 5 && g.M >= kWideTileMinRows;
+  return !is_attention_gemm(OP) && g.M >= kWideTileMinRows;
+}
+template <class T, class D, int OP> __host__ __device__ inline bool skinny_tiles(const GemmShape& g) {
+  return !is_attention_gemm(OP) && g.M <= kSkinnyMaxRows;
 }
 template <class T, class D, int OP> __host__ __device__ inline int gemm_op_work(const LayerArgs& a) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
-  return wide_tiles<T, D, OP>(g) ? WideTile<T>::work(g) : GemmTileOf<T, D, OP>::work(g);
+  if (wide_tiles<T, D, OP>(g)) return WideTile<T>::work(g);
+  if (skinny_tiles<T, D, OP>(g)) return SkinnyTile<T>::work(g);
+  return GemmTileOf<T, D, OP>::work(g);
 }
+__host__ __device__ constexpr int max_of(int a, int b) { return a > b ? a : b; }
 template <class T, class D, int OP> constexpr int gemm_op_smem() {
-  return (OP == 2 || OP == 5 || GemmTileOf<T, D, OP>::SMEM_BYTES > WideTile<T>::SMEM_BYTES)
-             ? GemmTileOf<T, D, OP>::SMEM_BYTES : WideTile<T>::SMEM_BYTES;
+  return is_attention_gemm(OP) ? GemmTileOf<T, D, OP>::SMEM_BYTES
+                               : max_of(max_of(LinearTile<T>::SMEM_BYTES, WideTile<T>::SMEM_BYTES),
+                                        SkinnyTile<T>::SMEM_BYTES);
 }
 
 // Run the GEMM with the tile shape chosen for this problem size.
 template <class T, class D, int OP, class ALoader, class Epi>
 __device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
                                               char* smem, const SplitK& sk) {
-  if constexpr (OP == 2 || OP == 5) {
+  if constexpr (is_attention_gemm(OP)) {
     gemm_run<GemmTileOf<T, D, OP>>(g, A, B, epi, smem, sk);
   } else {
     if (wide_tiles<T, D, OP>(g)) gemm_run<WideTile<T>>(g, A, B, epi, smem, sk);
+    else if (skinny_tiles<T, D, OP>(g)) gemm_run<SkinnyTile<T>>(g, A, B, epi, smem, sk);
     else gemm_run<LinearTile<T>>(g, A, B, epi, smem, sk);
   }
+}
+
+// Ask L2 for a later stage's weight matrix at the start of a segment kernel, spread over the whole grid. At
+// few rows the layer is bound by streaming 14 MB of weights, and the stages before a GEMM (its predecessors'
+// GEMMs, attention, LayerNorm, grid barriers) would otherwise leave that stream idle.
+template <class T, class D, int OP> __device__ __forceinline__ void prefetch_weights_l2(const LayerArgs& a) {
+  static_assert(OP == 0 || OP == 7 || OP == 10 || OP == 12, "only the layer GEMMs have weights");
+  constexpr long long kLine = 128;
+  constexpr long long rows = OP == 0 ? 3 * D::hidden : OP == 10 ? D::ffn : D::hidden;
+  constexpr long long cols = OP == 12 ? D::ffn : D::hidden;
+  constexpr long long lines = (rows * cols * static_cast<long long>(sizeof(T)) + kLine - 1) / kLine;
+  const char* base = static_cast<const char*>(OP == 0 ? a.w_qkv : OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2);
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < lines; i += stride)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + i * kLine));
 }
 
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE>

@@ -27,7 +27,6 @@ using namespace cute;
 template <class T> struct CutlassType;
 template <> struct CutlassType<half> { using type = cutlass::half_t; };
 template <> struct CutlassType<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
-template <> struct CutlassType<cutlass::half_t> { using type = cutlass::half_t; };
 
 using Acc = float;
 using LayoutX = cutlass::layout::RowMajor;

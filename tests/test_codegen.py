@@ -50,7 +50,7 @@ def test_golden_source_hash_changes_only_with_templates():
     assert digest == GOLDEN_SEG_00_14_FA, f"rendered source changed: new golden hash {digest}"
 
 
-GOLDEN_SEG_00_14_FA = "2109889ea4ff9ef9"
+GOLDEN_SEG_00_14_FA = "dd26be4f34d4dc12"
 
 
 def test_binding_has_one_entry_per_segment_and_lone_gemms_use_cublas():
@@ -76,6 +76,14 @@ def test_only_hopper_gemm_segments_on_sm90_carry_the_cutlass_path():
                 assert f"fs::sm90::segment_gemm<T, Dims, {op}>(a, stream)" in source
                 assert "a.batch * a.seq >= fs::sm90::kMinRows" in source
                 assert "if (err != cudaErrorNotSupported) return err;" in source  # else the generated kernel runs
+
+
+def test_segment_kernels_prefetch_the_weights_of_later_gemm_stages():
+    source = render_segment(Segment(0, 14, True), BERT, "90").source
+    prefetches = [line.strip() for line in source.splitlines() if "prefetch_weights_l2" in line]
+    assert [p.split("(")[0] for p in prefetches] == [f"fs::prefetch_weights_l2<T, Dims, {op}>" for op in (7, 10, 12)]
+    assert source.index("prefetch_weights_l2") < source.index("fs::grid_barrier();")
+    assert "prefetch_weights_l2" not in render_segment(Segment(10, 11), BERT, "90").source
 
 
 def test_templates_reject_undefined_names():

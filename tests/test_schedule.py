@@ -1,6 +1,6 @@
 """How segments split into stages: epilogues, prologues, absorbed elementwise operators, barriers."""
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.schedule import barrier_count, hopper_gemm, stages_of, tensors_written
+from fusionsearch.schedule import barrier_count, hopper_gemm, prefetched_weights, stages_of, tensors_written
 
 
 def _shape(segment):
@@ -55,3 +55,12 @@ def test_hopper_gemm_segments_are_exactly_a_linear_gemm_with_its_epilogue():
     assert hopper_gemm(Segment(6, 8)) is None  # merge-heads prologue: CUTLASS reads plain rows only
     assert hopper_gemm(Segment(10, 10)) is None  # a lone GEMM goes to cuBLAS
     assert hopper_gemm(Segment(0, 1)) is None  # the QKV split writes a head layout
+
+
+def test_weights_of_later_gemm_stages_are_prefetched_at_kernel_start():
+    assert prefetched_weights(Segment(0, 14, True)) == (7, 10, 12)  # the QKV GEMM loads its own at once
+    assert prefetched_weights(Segment(8, 14)) == (10, 12)  # LayerNorm runs first
+    assert prefetched_weights(Segment(2, 7)) == (7,)  # Q·Kᵀ and P·V multiply activations, not weights
+    assert prefetched_weights(Segment(10, 11)) == ()
+    for segment in all_segments():
+        assert len(prefetched_weights(segment)) <= barrier_count(segment)
