@@ -30,25 +30,31 @@ template <class T> struct MatB {
 constexpr int kSplitKMaxRows = 512;
 constexpr int kSplitKMaxWork = 512;          // tiles × splits; bounds the scratch buffer
 constexpr int kSplitKTargetWork = 264;       // about two blocks per SM of a 132-SM GPU
-constexpr int kSplitKMinTilesPerSplit = 4;   // k-tiles each split keeps at least
+constexpr int kSplitKMinK = 128;             // K elements each split keeps at least
 
 struct SplitK {
   float* partials;
   unsigned int* counters;
 };
 
-__host__ __device__ inline int splitk_splits(const GemmShape& g, int tiles, int bk) {
+// ONE_WAVE keeps tiles × splits within kSplitKTargetWork (a second wave of blocks would double the time of a
+// GEMM that streams its weights once); the K tiles are then dealt evenly, so no split is left empty.
+__host__ __device__ inline int splitk_splits(const GemmShape& g, int tiles, int bk, bool one_wave) {
   if (g.M > kSplitKMaxRows || g.batch != 1) return 1;
-  int splits = ceil_div(kSplitKTargetWork, tiles);
-  const int by_k = ceil_div(g.K, bk) / kSplitKMinTilesPerSplit;
+  const int k_tiles = ceil_div(g.K, bk);
+  int splits = one_wave ? kSplitKTargetWork / tiles : ceil_div(kSplitKTargetWork, tiles);
+  const int by_k = k_tiles / (kSplitKMinK > bk ? kSplitKMinK / bk : 1);
   splits = splits < by_k ? splits : by_k;
   splits = splits < kSplitKMaxWork / tiles ? splits : kSplitKMaxWork / tiles;
-  return splits > 1 ? splits : 1;
+  if (splits <= 1) return 1;
+  return one_wave ? ceil_div(k_tiles, ceil_div(k_tiles, splits)) : splits;
 }
 
-template <class T, int BM_, int BN_, int WARPS_M_, bool B_KMAJOR_, int STAGES_ = 3>
+template <class T, int BM_, int BN_, int WARPS_M_, bool B_KMAJOR_, int STAGES_ = 3, int BK_ = 32,
+          bool ONE_WAVE_ = false>
 struct GemmTile {
-  static constexpr int BM = BM_, BN = BN_, BK = 32, STAGES = STAGES_, PAD = 8;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_, PAD = 8;
+  static constexpr bool ONE_WAVE = ONE_WAVE_;
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = kWarps / WARPS_M_;
   static constexpr bool B_KMAJOR = B_KMAJOR_;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
@@ -64,8 +70,9 @@ struct GemmTile {
   static __host__ __device__ int tiles(const GemmShape& g) {
     return ceil_div(g.M, BM) * ceil_div(g.N, BN) * g.batch;
   }
+  static __host__ __device__ int splits(const GemmShape& g) { return splitk_splits(g, tiles(g), BK, ONE_WAVE); }
   // Work items: output tiles times K splits.
-  static __host__ __device__ int work(const GemmShape& g) { return tiles(g) * splitk_splits(g, tiles(g), BK); }
+  static __host__ __device__ int work(const GemmShape& g) { return tiles(g) * splits(g); }
 };
 
 template <class Cfg, class T, class ALoader, class Epi>
@@ -78,7 +85,7 @@ __device__ void gemm_run(const GemmShape& g, const ALoader& A, const MatB<T>& B,
   const int tiles_m = ceil_div(g.M, Cfg::BM), tiles_n = ceil_div(g.N, Cfg::BN);
   const int per_batch = tiles_m * tiles_n;
   const int all_k_tiles = ceil_div(g.K, Cfg::BK);
-  const int splits = splitk_splits(g, per_batch * g.batch, Cfg::BK);
+  const int splits = Cfg::splits(g);
   const int k_per_split = ceil_div(all_k_tiles, splits);
   __shared__ bool last_arrival;
 

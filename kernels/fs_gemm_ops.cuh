@@ -8,13 +8,14 @@
 namespace fs {
 
 // Tile shapes of the layer GEMMs, by rows:
-//  * up to kSkinnyMaxRows, 32×64 tiles with a 6-stage pipeline: the GEMM streams weights from DRAM, and small
-//    tiles give split-K many short K ranges in flight and a small fix-up per tile (64×128 tiles made the
-//    last-arriving block of FFN2 at 32 rows read 24 partial tiles of 32 KB);
+//  * up to kSkinnyMaxRows, 32×64 tiles with 128-deep K steps (24 KB a stage): the GEMM streams weights from
+//    DRAM, so each block keeps three large stages in flight, and split-K stays within one wave of blocks with
+//    few splits per tile (64×128×32 tiles made the last-arriving block of FFN2 at 32 rows read 24 partial tiles
+//    of 32 KB, and FFN1 ran two waves);
 //  * 64×128 tiles in between (more blocks in flight than 128-row tiles);
 //  * 128×128 tiles with a 4-stage pipeline from kWideTileMinRows rows on (twice the reuse of each loaded tile).
 // Q·Kᵀ uses 64×128 and P·V 64×head_size.
-template <class T> using SkinnyTile = GemmTile<T, 32, 64, 2, false, 4>;
+template <class T> using SkinnyTile = GemmTile<T, 32, 64, 2, false, 4, 128, true>;
 template <class T> using LinearTile = GemmTile<T, 64, 128, 2, false>;
 template <class T> using WideTile = GemmTile<T, 128, 128, 2, false, 4>;
 constexpr int kSkinnyMaxRows = 128;
