@@ -253,14 +253,21 @@ def main(argv: list[str] | None = None) -> int:
                     masks[shape] = row["mask"]  # end to end runs the fp16 winner
                 report["layers"].append(row)
                 print(shape, dtype, _us(row["ours"]), f"{row.get('speedup', math.nan):.2f}×", flush=True)
+    # Written after the layer tables and after each end-to-end shape, so a run stopped by a time limit keeps
+    # everything it measured (the end-to-end table then lists the shapes it reached).
+    write_report(report, args.out)
     for shape in args.e2e_shapes:
         report["e2e"].append(measure_e2e(shape, masks[shape]))
         print("e2e", shape, {k: round(v["median"], 1) for k, v in report["e2e"][-1]["latency_us"].items()}, flush=True)
+        write_report(report, args.out)
     torch.cuda.synchronize()
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,20 @@ def test_candidates_hold_the_sweep_optimum_and_the_best_attention_kernel_plans()
     assert masks[0] == best and len(masks) == len(set(masks)) <= 4
     with_attention = [m for m in masks if any(s.attention for s in decode(m).segments)]
     assert len(with_attention) == 2 and 41108 in with_attention  # 1×128's optimum does not use the kernel
+
+
+def test_a_run_stopped_during_end_to_end_keeps_the_layer_tables(gpu, tmp_path):
+    perf = _perf_module()
+
+    def stopped(shape, mask):
+        raise KeyboardInterrupt
+
+    perf.measure_e2e = stopped
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps({"shapes": [{"shape": "1x32", "best": {"mask": 41108}}]}))
+    with pytest.raises(KeyboardInterrupt):
+        perf.main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--sweeps", str(tmp_path / "none"),
+                     "--shapes", "1x32", "--dtypes", "fp16", "--e2e-shapes", "1x32"])
+    report = json.loads((tmp_path / "perf.json").read_text())
+    assert [row["shape"] for row in report["layers"]] == ["1x32"] and report["e2e"] == []
+    assert "| 1x32 |" in (tmp_path / "perf.md").read_text()
