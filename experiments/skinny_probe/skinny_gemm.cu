@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "fs_gemm.cuh"
+#include "fs_gemm_ops.cuh"
 
 namespace {
 
@@ -71,10 +71,11 @@ template <class Cfg> float time_variant(const fs::GemmShape& g, const Buffers& b
   return per_launch[per_launch.size() / 2];
 }
 
-using Skinny128 = fs::GemmTile<half, 32, 64, 2, false, 4, 128, true>;
+// The tiles the segment kernels use, and two shallower-K variants of the few-row tile.
+using Skinny128 = fs::SkinnyTile<half>;
 using Skinny64 = fs::GemmTile<half, 32, 64, 2, false, 6, 64, true>;
 using Skinny32 = fs::GemmTile<half, 32, 64, 2, false, 6, 32, false>;
-using Linear = fs::GemmTile<half, 64, 128, 2, false>;
+using Linear = fs::LinearTile<half>;
 
 }  // namespace
 
