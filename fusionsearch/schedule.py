@@ -6,7 +6,8 @@ Inside a segment, an operator joins its neighbour's stage where the data stays i
   * merge_heads before out_gemm becomes the GEMM's A-operand addressing (prologue);
   * the elementwise operator before a row reduction is applied as the row is loaded (scale+mask before
     softmax, bias+residual before LayerNorm);
-  * with the attention flag, operators 2–5 (and merge_heads after them) are one flash-attention stage.
+  * with the attention flag, operators 2–5 (and merge_heads after them) are one flash-attention stage, which
+    also takes qkv_bias_split before it as its prologue (it reads the QKV GEMM's rows and adds the bias).
 Every other dependency crosses thread blocks, so consecutive stages are separated by a grid-wide barrier
 and the segment runs as one cooperative persistent kernel.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from .ops import OPS, OpKind
 from .plan import ATTN_FIRST, ATTN_LAST, Segment
 
+_QKV_SPLIT = 1
 # GEMM → the following operator it can take as an epilogue.
 _EPILOGUE_OF = {0: 1, 2: 3, 5: 6, 7: 8, 10: 11, 12: 13}
 # Row reduction → the elementwise operator before it that it applies on load.
@@ -39,6 +41,7 @@ class Stage:
     merge_prologue: bool = False  # gemm 7: read ctx_heads as merged rows
     absorb_prev: bool = False  # rowwise: apply the previous elementwise operator on load
     merge_heads: bool = False  # attention: store merged heads (operator 6)
+    split_prologue: bool = False  # attention: read the QKV GEMM output and apply operator 1's bias on load
 
     @property
     def writes(self) -> str:
@@ -69,8 +72,11 @@ def stages_of(segment: Segment) -> tuple[Stage, ...]:
     while op <= segment.last:
         if segment.attention and op == ATTN_FIRST:
             merge = segment.last > ATTN_LAST  # operator 6 follows inside the segment
-            covered = tuple(range(ATTN_FIRST, ATTN_LAST + 1 + merge))
-            stages.append(Stage("attention", ATTN_FIRST, covered, merge_heads=merge))
+            split = bool(stages) and stages[-1].ops == (_QKV_SPLIT,)
+            if split:
+                stages.pop()
+            covered = ((_QKV_SPLIT,) if split else ()) + tuple(range(ATTN_FIRST, ATTN_LAST + 1 + merge))
+            stages.append(Stage("attention", ATTN_FIRST, covered, merge_heads=merge, split_prologue=split))
             op = covered[-1] + 1
             continue
         kind = OPS[op].kind

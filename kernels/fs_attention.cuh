@@ -2,6 +2,11 @@
 // streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async), keeps an
 // online softmax in registers and never writes the S×S scores. Optionally stores merged heads (operator 6).
 // A persistent block walks its items as one stream of key tiles, prefetching across item boundaries.
+//
+// With FROM_QKV the stage also absorbs operator 1: it reads Q, K and V straight from the QKV GEMM's [M, 3H] rows
+// and applies the bias itself, so the split layout is never written. Only the Q and V biases matter: the K bias
+// adds (q + b_q)·b_k to every score of a query row, a constant that softmax cancels, and since each row of
+// probabilities sums to one, P·(V + b_v) = P·V + b_v is added to the output.
 #pragma once
 #include <type_traits>
 
@@ -25,7 +30,7 @@ template <class T, class D> __host__ __device__ inline int attention_work(const 
   return a.batch * D::heads * ceil_div(a.seq, FlashTile<D>::BQ);
 }
 
-template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const LayerArgs& a, char* smem) {
+template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void attention_op(const LayerArgs& a, char* smem) {
   using F = FlashTile<D>;
   constexpr int DK = D::d / 16;  // k-steps of Q·Kᵀ and n-pairs of P·V
   constexpr float kLog2e = 1.4426950408889634f;
@@ -39,14 +44,23 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
   float* sBias = reinterpret_cast<float*>(sO + F::BQ * F::STRIDE);
   const int S = a.seq, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long M = static_cast<long long>(a.batch) * S;
-  const T* Q = static_cast<const T*>(a.qkv_heads);
-  const T* K = Q + M * D::hidden;
-  const T* V = K + M * D::hidden;
+  // Q, K and V: rows of one head, kRowStride apart; K and V sit kv_offset and 2·kv_offset after Q.
+  constexpr long long kRowStride = FROM_QKV ? 3 * D::hidden : D::d;
+  const long long kv_offset = FROM_QKV ? D::hidden : M * D::hidden;
+  const T* Q = static_cast<const T*>(FROM_QKV ? a.qkv : a.qkv_heads);
+  const T* K = Q + kv_offset;
+  const T* V = K + kv_offset;
   const float scale_log2 = a.scale * kLog2e;
   const int q_tiles = ceil_div(S, F::BQ), kv_tiles = ceil_div(S, F::BKV);
   const int items = a.batch * D::heads * q_tiles;
 
+  // Offset of an item's head in [B, heads, S, d] (the layout of operator 5's output), and in the inputs.
   auto head_offset = [&](int item) { return static_cast<long long>(item / q_tiles) * S * D::d; };
+  auto input_offset = [&](int item) {
+    if constexpr (!FROM_QKV) return head_offset(item);
+    const int bh = item / q_tiles;
+    return static_cast<long long>(bh / D::heads) * S * kRowStride + (bh % D::heads) * D::d;
+  };
   auto load_rows = [&](T* dst, const T* src, long long head_off, int row0, auto rows_tag) {
     constexpr int rows = decltype(rows_tag)::value;
     static_assert(rows * (D::d / 8) % kThreads == 0, "16-byte chunks split evenly over the block");
@@ -54,12 +68,12 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
     for (int i = 0; i < rows * (D::d / 8) / kThreads; ++i) {
       const int c = i * kThreads + threadIdx.x, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8;
       const bool ok = row0 + r < S;
-      cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + static_cast<long long>(row0 + r) * D::d + col : src, ok);
+      cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + (row0 + r) * kRowStride + col : src, ok);
     }
   };
   // K, V and the raw key-mask bias of key tile kv of item into buffer buf; zero-filled past S or without a mask.
   auto load_kv = [&](int item, int kv, int buf) {
-    const long long head_off = head_offset(item);
+    const long long head_off = input_offset(item);
     load_rows(sK + buf * F::BKV * F::STRIDE, K, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
     load_rows(sV + buf * F::BKV * F::STRIDE, V, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
     if (threadIdx.x < F::BKV) {
@@ -74,7 +88,7 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
   // the queries of the next, so a persistent block never waits on a cold load between items.
   int item = blockIdx.x, kv = 0, buf = 0;
   if (item >= items) return;
-  load_rows(sQ, Q, head_offset(item), (item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
+  load_rows(sQ, Q, input_offset(item), (item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
   load_kv(item, 0, 0);
   cp_async_commit();
 
@@ -94,6 +108,20 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
 #pragma unroll
       for (int kk = 0; kk < DK; ++kk)
         ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * F::STRIDE + kk * 16 + (lane / 16) * 8);
+      if constexpr (FROM_QKV) {
+        // Operator 1's Q bias, rounded to T as the split would store it; fragment register j holds columns
+        // kk·16 + (j / 2)·8 + (lane % 4)·2 + {0, 1}.
+        const T* bias = static_cast<const T*>(a.b_qkv) + (item / q_tiles % D::heads) * D::d + (lane % 4) * 2;
+#pragma unroll
+        for (int kk = 0; kk < DK; ++kk)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int col = kk * 16 + (j / 2) * 8;
+            typename Elem<T>::Pair q = *reinterpret_cast<const typename Elem<T>::Pair*>(&qf[kk][j]);
+            q = Elem<T>::pack(to_f(q.x) + to_f(bias[col]), to_f(q.y) + to_f(bias[col + 1]));
+            qf[kk][j] = *reinterpret_cast<const uint32_t*>(&q);
+          }
+      }
 #pragma unroll
       for (int n = 0; n < D::d / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
       m_run[0] = m_run[1] = -FLT_MAX;
@@ -104,7 +132,7 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
     if (next_item < items) {
       if (last_tile) {
         if (kv == 0) __syncthreads();  // one key tile per item: every warp must hold its queries before sQ refills
-        load_rows(sQ, Q, head_offset(next_item), (next_item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
+        load_rows(sQ, Q, input_offset(next_item), (next_item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
       }
       load_kv(next_item, next_kv, buf ^ 1);
     }
@@ -182,6 +210,9 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
     if (last_tile) {
       // Row sums are split across the four lanes of a quad; each warp stages its rows for 16-byte stores.
       T* staged = sO + warp * 16 * F::STRIDE;
+      const int bh = item / q_tiles, b = bh / D::heads, h = bh % D::heads;
+      // Operator 1's V bias (zero without FROM_QKV), at this lane's columns n·8 + (lane % 4)·2 + {0, 1}.
+      const T* v_bias = static_cast<const T*>(a.b_qkv) + 2 * D::hidden + h * D::d + (lane % 4) * 2;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float l = l_run[r];
@@ -189,11 +220,13 @@ template <class T, class D, bool MERGE_HEADS> __device__ void attention_op(const
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const float inv = 1.f / l;
 #pragma unroll
-        for (int n = 0; n < D::d / 8; ++n)
-          store2(staged + (lane / 4 + r * 8) * F::STRIDE + n * 8 + (lane % 4) * 2, o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        for (int n = 0; n < D::d / 8; ++n) {
+          const float b0 = FROM_QKV ? to_f(v_bias[n * 8]) : 0.f, b1 = FROM_QKV ? to_f(v_bias[n * 8 + 1]) : 0.f;
+          store2(staged + (lane / 4 + r * 8) * F::STRIDE + n * 8 + (lane % 4) * 2, fmaf(o[n][2 * r], inv, b0),
+                 fmaf(o[n][2 * r + 1], inv, b1));
+        }
       }
       __syncwarp();
-      const int bh = item / q_tiles, b = bh / D::heads, h = bh % D::heads;
       const int row0 = (item % q_tiles) * F::BQ + warp * 16;
 #pragma unroll
       for (int i = 0; i < 16 * (D::d / 8) / 32; ++i) {

@@ -33,8 +33,18 @@ def test_row_reduction_absorbs_the_elementwise_operator_before_it():
 
 def test_attention_flag_runs_ops_2_to_5_as_one_flash_stage():
     assert _shape(Segment(2, 5, True)) == [("attention", (2, 3, 4, 5))]
-    assert _shape(Segment(1, 6, True)) == [("elementwise", (1,)), ("attention", (2, 3, 4, 5, 6))]
     assert _shape(Segment(2, 5)) == [("gemm", (2, 3)), ("rowwise", (4,)), ("gemm", (5,))]
+
+
+def test_attention_takes_the_qkv_split_before_it_as_a_prologue():
+    (stage,) = stages_of(Segment(1, 6, True))
+    assert stage.kind == "attention" and stage.ops == (1, 2, 3, 4, 5, 6)
+    assert stage.split_prologue and stage.merge_heads
+    assert barrier_count(Segment(1, 6, True)) == 0
+    assert tensors_written([Segment(1, 5, True)]) == {"ctx_heads"}  # the split layout is never written
+    # After the QKV GEMM the split stays its epilogue: the GEMM writes the head layout either way.
+    assert _shape(Segment(0, 5, True)) == [("gemm", (0, 1)), ("attention", (2, 3, 4, 5))]
+    assert not stages_of(Segment(2, 6, True))[0].split_prologue
 
 
 def test_cross_block_dependencies_need_grid_barriers():
