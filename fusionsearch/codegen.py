@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
-from .schedule import hopper_gemm, prefetched_weights, stages_of, uses_library_gemm
+from .schedule import blocks_per_sm, hopper_gemm, prefetched_weights, stages_of, uses_library_gemm
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
 
@@ -50,7 +50,7 @@ def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUn
     hopper = hopper_gemm(segment) if arch.rstrip("af") == "90" else None
     context = {"version": __version__, "segment": segment, "dtype": cfg.dtype, "ctype": _ctype(cfg),
                "arch_label": f"sm_{arch}", "dims": _dims(cfg), "stages": stages, "hopper_gemm": hopper,
-               "prefetch_ops": prefetched_weights(segment)}
+               "prefetch_ops": prefetched_weights(segment), "blocks_per_sm": blocks_per_sm(segment)}
     template = env.get_template("segment.cu.j2")
     # The name carries a hash of the source it names, so different code never shares a symbol.
     draft = template.render(**context, kernel_name="KERNEL", source_hash="-")

@@ -13,7 +13,7 @@ and the segment runs as one cooperative persistent kernel.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .ops import OPS, OpKind
 from .plan import ATTN_FIRST, ATTN_LAST, Segment
@@ -42,6 +42,7 @@ class Stage:
     absorb_prev: bool = False  # rowwise: apply the previous elementwise operator on load
     merge_heads: bool = False  # attention: store merged heads (operator 6)
     split_prologue: bool = False  # attention: read the QKV GEMM output and apply operator 1's bias on load
+    rows_per_warp: int = 16  # attention: query rows per warp (32 needs a kernel of its own, one block per SM)
 
     @property
     def writes(self) -> str:
@@ -97,7 +98,16 @@ def stages_of(segment: Segment) -> tuple[Stage, ...]:
         else:
             stages.append(Stage("elementwise", op, (op,)))
             op += 1
+    if len(stages) == 1 and stages[0].kind == "attention":
+        # Alone in its kernel, attention may take more registers: 32 rows per warp halve its shared-memory reads.
+        stages[0] = replace(stages[0], rows_per_warp=32)
     return tuple(stages)
+
+
+def blocks_per_sm(segment: Segment) -> int:
+    """The occupancy the segment kernel is compiled for (its launch bounds): 1 where a stage needs more than
+    128 registers a thread, else 2."""
+    return 1 if any(stage.rows_per_warp > 16 for stage in stages_of(segment)) else 2
 
 
 def prefetched_weights(segment: Segment) -> tuple[int, ...]:

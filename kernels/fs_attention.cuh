@@ -1,7 +1,14 @@
-// Flash-style attention (operators 2–5 in one stage): each block takes 128 query rows of one (batch, head),
-// streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async), keeps an
-// online softmax in registers and never writes the S×S scores. Optionally stores merged heads (operator 6).
-// A persistent block walks its items as one stream of key tiles, prefetching across item boundaries.
+// Flash-style attention (operators 2–5 in one stage): each item is 128 query rows of one (batch, head); a warp
+// group streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async),
+// keeps an online softmax in registers and never writes the S×S scores. Optionally stores merged heads
+// (operator 6). A persistent group walks its items as one stream of key tiles, prefetching across item boundaries.
+//
+// ROWS query rows per warp:
+//   * 16: the block's 8 warps share one item; 128 registers a thread, so two blocks fit on an SM (the shape every
+//     multi-stage segment kernel needs).
+//   * 32: two independent groups of 4 warps per block, each with its own item, shared memory and named barrier.
+//     Every K and V fragment read from shared memory feeds two MMAs instead of one, halving the shared-memory
+//     traffic that bounds the 16-row kernel, for more registers (one block per SM).
 //
 // With FROM_QKV the stage also absorbs operator 1: it reads Q, K and V straight from the QKV GEMM's [M, 3H] rows
 // and applies the bias itself, so the split layout is never written. Only the Q and V biases matter: the K bias
@@ -14,35 +21,52 @@
 
 namespace fs {
 
-template <class D> struct FlashTile {
-  static constexpr int BQ = 16 * kWarps;  // 16 query rows per warp
+template <class D, int ROWS> struct FlashTile {
+  static_assert(ROWS == 16 || ROWS == 32, "16 or 32 query rows per warp");
+  static constexpr int MT = ROWS / 16;                    // 16-row MMA tiles per warp
+  static constexpr int GROUPS = MT;                       // independent warp groups per block
+  static constexpr int GROUP_THREADS = kThreads / GROUPS;
+  static constexpr int BQ = ROWS * GROUP_THREADS / 32;    // query rows per item: 128
   static constexpr int BKV = 64;
   static constexpr int STRIDE = D::d + 8;  // padded rows for conflict-free ldmatrix
   static constexpr int SMEM_ELEMS = 2 * BQ * STRIDE + 4 * BKV * STRIDE;  // Q, 2×K, 2×V, output staging
   static constexpr int BIAS_FLOATS = 2 * BKV;  // 2× the tile's key-mask bias
 };
 
-template <class T, class D> constexpr int attention_smem() {
-  return FlashTile<D>::SMEM_ELEMS * int(sizeof(T)) + FlashTile<D>::BIAS_FLOATS * int(sizeof(float));
+template <class T, class D, int ROWS> __host__ __device__ constexpr int attention_group_smem() {
+  return FlashTile<D, ROWS>::SMEM_ELEMS * int(sizeof(T)) + FlashTile<D, ROWS>::BIAS_FLOATS * int(sizeof(float));
+}
+template <class T, class D, int ROWS> __host__ __device__ constexpr int attention_smem() {
+  return FlashTile<D, ROWS>::GROUPS * attention_group_smem<T, D, ROWS>();
 }
 
-template <class T, class D> __host__ __device__ inline int attention_work(const LayerArgs& a) {
-  return a.batch * D::heads * ceil_div(a.seq, FlashTile<D>::BQ);
+// Blocks the stage can use: one item per warp group.
+template <class T, class D, int ROWS> __host__ __device__ inline int attention_work(const LayerArgs& a) {
+  using F = FlashTile<D, ROWS>;
+  return ceil_div(a.batch * D::heads * ceil_div(a.seq, F::BQ), F::GROUPS);
 }
 
-template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void attention_op(const LayerArgs& a, char* smem) {
-  using F = FlashTile<D>;
+template <class T, class D, int ROWS, bool MERGE_HEADS, bool FROM_QKV>
+__device__ void attention_op(const LayerArgs& a, char* smem) {
+  using F = FlashTile<D, ROWS>;
+  constexpr int MT = F::MT;
   constexpr int DK = D::d / 16;  // k-steps of Q·Kᵀ and n-pairs of P·V
   constexpr float kLog2e = 1.4426950408889634f;
-  T* sQ = reinterpret_cast<T*>(smem);
+  const int group = threadIdx.x / F::GROUP_THREADS, tid = threadIdx.x % F::GROUP_THREADS;
+  const int warp = tid / 32, lane = tid % 32;
+  T* sQ = reinterpret_cast<T*>(smem + group * attention_group_smem<T, D, ROWS>());
   T* sK = sQ + F::BQ * F::STRIDE;
   T* sV = sK + 2 * F::BKV * F::STRIDE;
-  T* sO = sV + 2 * F::BKV * F::STRIDE;  // each warp stages its 16 output rows for whole 16-byte stores
+  T* sO = sV + 2 * F::BKV * F::STRIDE;  // each warp stages its output rows for whole 16-byte stores
   // The key-mask bias of each tile is staged in shared memory with K and V: reading it from global memory in the
   // inner loop was the kernel's largest stall (ncu). Each staging thread turns its own element into the log2
   // domain once, so the inner loop is one FFMA per score with no bounds checks.
   float* sBias = reinterpret_cast<float*>(sO + F::BQ * F::STRIDE);
-  const int S = a.seq, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto group_sync = [&] {
+    if constexpr (F::GROUPS == 1) __syncthreads();
+    else named_barrier(1 + group, F::GROUP_THREADS);
+  };
+  const int S = a.seq;
   const long long M = static_cast<long long>(a.batch) * S;
   // Q, K and V: rows of one head, kRowStride apart; K and V sit kv_offset and 2·kv_offset after Q.
   constexpr long long kRowStride = FROM_QKV ? 3 * D::hidden : D::d;
@@ -63,10 +87,10 @@ template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void att
   };
   auto load_rows = [&](T* dst, const T* src, long long head_off, int row0, auto rows_tag) {
     constexpr int rows = decltype(rows_tag)::value;
-    static_assert(rows * (D::d / 8) % kThreads == 0, "16-byte chunks split evenly over the block");
+    static_assert(rows * (D::d / 8) % F::GROUP_THREADS == 0, "16-byte chunks split evenly over the group");
 #pragma unroll
-    for (int i = 0; i < rows * (D::d / 8) / kThreads; ++i) {
-      const int c = i * kThreads + threadIdx.x, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8;
+    for (int i = 0; i < rows * (D::d / 8) / F::GROUP_THREADS; ++i) {
+      const int c = i * F::GROUP_THREADS + tid, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8;
       const bool ok = row0 + r < S;
       cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + (row0 + r) * kRowStride + col : src, ok);
     }
@@ -76,38 +100,41 @@ template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void att
     const long long head_off = input_offset(item);
     load_rows(sK + buf * F::BKV * F::STRIDE, K, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
     load_rows(sV + buf * F::BKV * F::STRIDE, V, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
-    if (threadIdx.x < F::BKV) {
-      const int key = kv * F::BKV + threadIdx.x, b = item / q_tiles / D::heads;
+    if (tid < F::BKV) {
+      const int key = kv * F::BKV + tid, b = item / q_tiles / D::heads;
       const bool ok = a.key_bias != nullptr && key < S;
-      cp_async4(sBias + buf * F::BKV + threadIdx.x,
+      cp_async4(sBias + buf * F::BKV + tid,
                 ok ? static_cast<const void*>(a.key_bias + static_cast<long long>(b) * S + key) : static_cast<const void*>(Q), ok);
     }
   };
 
-  // One flat stream of (item, key tile) steps per block: the last tile of an item prefetches the first tile and
-  // the queries of the next, so a persistent block never waits on a cold load between items.
-  int item = blockIdx.x, kv = 0, buf = 0;
+  // One flat stream of (item, key tile) steps per group: the last tile of an item prefetches the first tile and
+  // the queries of the next, so a persistent group never waits on a cold load between items.
+  const int item_stride = gridDim.x * F::GROUPS;
+  int item = blockIdx.x * F::GROUPS + group, kv = 0, buf = 0;
   if (item >= items) return;
   load_rows(sQ, Q, input_offset(item), (item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
   load_kv(item, 0, 0);
   cp_async_commit();
 
-  uint32_t qf[DK][4];
-  float o[D::d / 8][4];
-  float m_run[2], l_run[2];  // rows lane/4 and lane/4 + 8
+  uint32_t qf[MT][DK][4];
+  float o[MT][D::d / 8][4];
+  float m_run[MT][2], l_run[MT][2];  // per MMA tile, rows lane/4 and lane/4 + 8
   while (true) {
     cp_async_wait<0>();
-    if (threadIdx.x < F::BKV) {
+    if (tid < F::BKV) {
       // Keys past S get -inf (zero probability). The mask's lowest float stays finite after ×log2e, so a fully
       // masked row still gives a uniform softmax, as the reference does.
-      float* bias = sBias + buf * F::BKV + threadIdx.x;
-      *bias = kv * F::BKV + static_cast<int>(threadIdx.x) < S ? fmaxf(*bias * kLog2e, -FLT_MAX) : -INFINITY;
+      float* bias = sBias + buf * F::BKV + tid;
+      *bias = kv * F::BKV + tid < S ? fmaxf(*bias * kLog2e, -FLT_MAX) : -INFINITY;
     }
-    __syncthreads();  // this step's tile is in; everyone is done with the other buffer
+    group_sync();  // this step's tile is in; everyone is done with the other buffer
     if (kv == 0) {
 #pragma unroll
-      for (int kk = 0; kk < DK; ++kk)
-        ldmatrix_x4(qf[kk], sQ + (warp * 16 + lane % 16) * F::STRIDE + kk * 16 + (lane / 16) * 8);
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < DK; ++kk)
+          ldmatrix_x4(qf[mt][kk], sQ + (warp * ROWS + mt * 16 + lane % 16) * F::STRIDE + kk * 16 + (lane / 16) * 8);
       if constexpr (FROM_QKV) {
         // Operator 1's Q bias, rounded to T as the split would store it; fragment register j holds columns
         // kk·16 + (j / 2)·8 + (lane % 4)·2 + {0, 1}.
@@ -117,21 +144,28 @@ template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void att
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int col = kk * 16 + (j / 2) * 8;
-            typename Elem<T>::Pair q = *reinterpret_cast<const typename Elem<T>::Pair*>(&qf[kk][j]);
-            q = Elem<T>::pack(to_f(q.x) + to_f(bias[col]), to_f(q.y) + to_f(bias[col + 1]));
-            qf[kk][j] = *reinterpret_cast<const uint32_t*>(&q);
+            const float b0 = to_f(bias[col]), b1 = to_f(bias[col + 1]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              typename Elem<T>::Pair q = *reinterpret_cast<const typename Elem<T>::Pair*>(&qf[mt][kk][j]);
+              q = Elem<T>::pack(to_f(q.x) + b0, to_f(q.y) + b1);
+              qf[mt][kk][j] = *reinterpret_cast<const uint32_t*>(&q);
+            }
           }
       }
 #pragma unroll
-      for (int n = 0; n < D::d / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-      m_run[0] = m_run[1] = -FLT_MAX;
-      l_run[0] = l_run[1] = 0.f;
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < D::d / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+        m_run[mt][0] = m_run[mt][1] = -FLT_MAX;
+        l_run[mt][0] = l_run[mt][1] = 0.f;
+      }
     }
     const bool last_tile = kv + 1 == kv_tiles;
-    const int next_item = last_tile ? item + gridDim.x : item, next_kv = last_tile ? 0 : kv + 1;
+    const int next_item = last_tile ? item + item_stride : item, next_kv = last_tile ? 0 : kv + 1;
     if (next_item < items) {
       if (last_tile) {
-        if (kv == 0) __syncthreads();  // one key tile per item: every warp must hold its queries before sQ refills
+        if (kv == 0) group_sync();  // one key tile per item: every warp must hold its queries before sQ refills
         load_rows(sQ, Q, input_offset(next_item), (next_item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
       }
       load_kv(next_item, next_kv, buf ^ 1);
@@ -141,9 +175,11 @@ template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void att
     const T* k_tile = sK + buf * F::BKV * F::STRIDE;
     const T* v_tile = sV + buf * F::BKV * F::STRIDE;
     const float* bias_tile = sBias + buf * F::BKV;
-    float s[F::BKV / 8][4];
+    float s[MT][F::BKV / 8][4];
 #pragma unroll
-    for (int n = 0; n < F::BKV / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < F::BKV / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < DK; ++kk)
 #pragma unroll
@@ -151,85 +187,101 @@ template <class T, class D, bool MERGE_HEADS, bool FROM_QKV> __device__ void att
         uint32_t r[4];
         ldmatrix_x4(r, k_tile + (nj * 16 + lane % 8 + (lane / 16) * 8) * F::STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
         const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma16816<T>(s[2 * nj], qf[kk], b0);
-        mma16816<T>(s[2 * nj + 1], qf[kk], b1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(s[mt][2 * nj], qf[mt][kk], b0);
+          mma16816<T>(s[mt][2 * nj + 1], qf[mt][kk], b1);
+        }
       }
 
     // Scores into the log2 domain plus the staged bias, then the online softmax.
-    float tile_max[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
-    for (int n = 0; n < F::BKV / 8; ++n) {
-      const float2 bias = *reinterpret_cast<const float2*>(bias_tile + n * 8 + (lane % 4) * 2);
+    for (int mt = 0; mt < MT; ++mt) {
+      float tile_max[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = fmaf(s[n][e], scale_log2, e & 1 ? bias.y : bias.x);
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+      for (int n = 0; n < F::BKV / 8; ++n) {
+        const float2 bias = *reinterpret_cast<const float2*>(bias_tile + n * 8 + (lane % 4) * 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][n][e] = fmaf(s[mt][n][e], scale_log2, e & 1 ? bias.y : bias.x);
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[mt][n][e]);
+        }
       }
-    }
-    float corr[2];
+      float corr[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m_run[r], tile_max[r]);
-      corr[r] = fast_exp2(m_run[r] - m_new);
-      m_run[r] = m_new;
-    }
-    float row_sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int n = 0; n < F::BKV / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = fast_exp2(s[n][e] - m_run[e / 2]);
-        row_sum[e / 2] += s[n][e];
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float m_new = fmaxf(m_run[mt][r], tile_max[r]);
+        corr[r] = fast_exp2(m_run[mt][r] - m_new);
+        m_run[mt][r] = m_new;
       }
+      float row_sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * corr[r] + row_sum[r];
+      for (int n = 0; n < F::BKV / 8; ++n)
 #pragma unroll
-    for (int n = 0; n < D::d / 8; ++n) {
-      o[n][0] *= corr[0]; o[n][1] *= corr[0];
-      o[n][2] *= corr[1]; o[n][3] *= corr[1];
+        for (int e = 0; e < 4; ++e) {
+          s[mt][n][e] = fast_exp2(s[mt][n][e] - m_run[mt][e / 2]);
+          row_sum[e / 2] += s[mt][n][e];
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l_run[mt][r] = l_run[mt][r] * corr[r] + row_sum[r];
+#pragma unroll
+      for (int n = 0; n < D::d / 8; ++n) {
+        o[mt][n][0] *= corr[0]; o[mt][n][1] *= corr[0];
+        o[mt][n][2] *= corr[1]; o[mt][n][3] *= corr[1];
+      }
     }
 
     // O += P·V: the score accumulators are already laid out as A fragments.
 #pragma unroll
     for (int kk = 0; kk < F::BKV / 16; ++kk) {
-      const uint32_t pf[4] = {pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pf[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pf[mt][0] = pack_pair<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pf[mt][1] = pack_pair<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pf[mt][2] = pack_pair<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pf[mt][3] = pack_pair<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int nj = 0; nj < D::d / 16; ++nj) {
         uint32_t r[4];
         ldmatrix_x4_trans(r, v_tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * F::STRIDE + nj * 16 + (lane / 16) * 8);
         const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma16816<T>(o[2 * nj], pf, b0);
-        mma16816<T>(o[2 * nj + 1], pf, b1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816<T>(o[mt][2 * nj], pf[mt], b0);
+          mma16816<T>(o[mt][2 * nj + 1], pf[mt], b1);
+        }
       }
     }
 
     if (last_tile) {
       // Row sums are split across the four lanes of a quad; each warp stages its rows for 16-byte stores.
-      T* staged = sO + warp * 16 * F::STRIDE;
+      T* staged = sO + warp * ROWS * F::STRIDE;
       const int bh = item / q_tiles, b = bh / D::heads, h = bh % D::heads;
       // Operator 1's V bias (zero without FROM_QKV), at this lane's columns n·8 + (lane % 4)·2 + {0, 1}.
       const T* v_bias = static_cast<const T*>(a.b_qkv) + 2 * D::hidden + h * D::d + (lane % 4) * 2;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = 1.f / l;
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int n = 0; n < D::d / 8; ++n) {
-          const float b0 = FROM_QKV ? to_f(v_bias[n * 8]) : 0.f, b1 = FROM_QKV ? to_f(v_bias[n * 8 + 1]) : 0.f;
-          store2(staged + (lane / 4 + r * 8) * F::STRIDE + n * 8 + (lane % 4) * 2, fmaf(o[n][2 * r], inv, b0),
-                 fmaf(o[n][2 * r + 1], inv, b1));
+        for (int r = 0; r < 2; ++r) {
+          float l = l_run[mt][r];
+          l += __shfl_xor_sync(0xffffffffu, l, 1);
+          l += __shfl_xor_sync(0xffffffffu, l, 2);
+          const float inv = 1.f / l;
+#pragma unroll
+          for (int n = 0; n < D::d / 8; ++n) {
+            const float b0 = FROM_QKV ? to_f(v_bias[n * 8]) : 0.f, b1 = FROM_QKV ? to_f(v_bias[n * 8 + 1]) : 0.f;
+            store2(staged + (mt * 16 + lane / 4 + r * 8) * F::STRIDE + n * 8 + (lane % 4) * 2,
+                   fmaf(o[mt][n][2 * r], inv, b0), fmaf(o[mt][n][2 * r + 1], inv, b1));
+          }
         }
-      }
       __syncwarp();
-      const int row0 = (item % q_tiles) * F::BQ + warp * 16;
+      const int row0 = (item % q_tiles) * F::BQ + warp * ROWS;
 #pragma unroll
-      for (int i = 0; i < 16 * (D::d / 8) / 32; ++i) {
+      for (int i = 0; i < ROWS * (D::d / 8) / 32; ++i) {
         const int c = i * 32 + lane, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8, q = row0 + r;
         if (q >= S) continue;
         T* dst = MERGE_HEADS

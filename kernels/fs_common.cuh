@@ -139,6 +139,12 @@ template <class T> __device__ __forceinline__ uint32_t pack_pair(float a, float 
   return *reinterpret_cast<uint32_t*>(&p);
 }
 
+// Barrier `id` (1–15; 0 is __syncthreads) over `threads` threads, a multiple of 32: independent warp groups of
+// one block synchronise without waiting for each other.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Grid-wide barrier between the stages of a persistent segment kernel (needs a cooperative launch).
 __device__ __forceinline__ void grid_barrier() { cooperative_groups::this_grid().sync(); }
 

@@ -28,11 +28,12 @@ def _weights(cfg):
 def _random_plans(count: int, seed: int) -> list[Plan]:
     plans = list(enumerate_plans())
     rng = random.Random(seed)
-    picked = rng.sample(plans, count - 3)
-    # Always include the extremes (fully unfused; everything in one kernel with the attention kernel) and the plan
-    # with all three Hopper GEMM + epilogue segments.
+    picked = rng.sample(plans, count - 4)
+    # Always include the extremes (fully unfused; everything in one kernel with the attention kernel) and the plans
+    # with all three Hopper GEMM + epilogue segments, with the QKV split apart and inside the attention kernel.
     return [Plan.from_cuts(set(range(1, 15))), Plan.from_cuts(set(), attention=True),
-            Plan.from_cuts({1, 2, 7, 9, 10, 12, 14}, attention=True), *picked]
+            Plan.from_cuts({1, 2, 7, 9, 10, 12, 14}, attention=True),
+            Plan.from_cuts({1, 7, 9, 10, 12, 14}, attention=True), *picked]
 
 
 # 3×97: 291 rows, split-K over 64×128 tiles; 2×45: 90 rows, the few-row 32×64 tiles with a partial row tile.

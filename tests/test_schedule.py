@@ -1,6 +1,7 @@
 """How segments split into stages: epilogues, prologues, absorbed elementwise operators, barriers."""
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.schedule import barrier_count, hopper_gemm, prefetched_weights, stages_of, tensors_written
+from fusionsearch.schedule import (barrier_count, blocks_per_sm, hopper_gemm, prefetched_weights, stages_of,
+                                   tensors_written)
 
 
 def _shape(segment):
@@ -74,3 +75,12 @@ def test_weights_of_later_gemm_stages_are_prefetched_at_kernel_start():
     assert prefetched_weights(Segment(10, 11)) == ()
     for segment in all_segments():
         assert len(prefetched_weights(segment)) <= barrier_count(segment)
+
+
+def test_attention_alone_in_its_kernel_runs_32_rows_per_warp_at_one_block_per_sm():
+    for segment in (Segment(2, 5, True), Segment(2, 6, True), Segment(1, 6, True)):
+        assert stages_of(segment)[0].rows_per_warp == 32 and blocks_per_sm(segment) == 1
+    # Inside a multi-stage kernel it keeps 16 rows, so the other stages keep two blocks per SM.
+    attention = [s for s in stages_of(Segment(1, 9, True)) if s.kind == "attention"]
+    assert attention[0].rows_per_warp == 16 and blocks_per_sm(Segment(1, 9, True)) == 2
+    assert all(blocks_per_sm(segment) == 2 for segment in all_segments() if not segment.attention)
