@@ -36,15 +36,6 @@ class KernelLibrary:
             raise ConfigError(f"segment {segment.name} is not in library {self.spec.module_name}; build the "
                               "library with all segments or with this plan's segments") from None
 
-    def set_launch_overlap(self, mode: int) -> None:
-        """How segment kernels may start under the previous kernel on sm_90 (programmatic dependent launch):
-        0 never, 1 as the previous kernel's blocks exit (default), 2 as soon as all of them run, so that a GEMM's
-        weight prefetch overlaps its predecessor. Applies to every later launch from this library, captured
-        graphs included."""
-        if mode not in (0, 1, 2):
-            raise ConfigError(f"launch overlap mode {mode!r} is not 0, 1 or 2")
-        self.module.set_launch_overlap(int(mode))
-
     def run(self, kernel_ids: list[int], tensors: dict, batch: int, seq_len: int, eps: float, scale: float) -> None:
         """Launch kernels in order on the current stream; `tensors` maps LAYER_TENSORS names to tensors."""
         empty = _empty_like_any(tensors)

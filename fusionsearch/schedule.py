@@ -111,10 +111,9 @@ def blocks_per_sm(segment: Segment) -> int:
 
 
 def prefetched_weights(segment: Segment) -> tuple[int, ...]:
-    """The layer GEMMs whose weights a segment kernel asks L2 for when it starts, before it waits for the
-    previous kernel: every one, so the weight stream runs under that kernel's tail and, for later stages, under
-    the stages and barriers before them."""
-    return tuple(stage.op for stage in stages_of(segment) if stage.kind == "gemm" and stage.op in _WEIGHT_GEMMS)
+    """The layer GEMMs whose weights a segment kernel asks L2 for when it starts: every one after its first
+    stage, so the weight stream runs under the stages and barriers before them."""
+    return tuple(stage.op for stage in stages_of(segment)[1:] if stage.kind == "gemm" and stage.op in _WEIGHT_GEMMS)
 
 
 def barrier_count(segment: Segment) -> int:

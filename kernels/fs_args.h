@@ -10,9 +10,6 @@ struct LayerArgs {
   int seq_pad;     // row stride of the S×S score buffers: S rounded up to 8 (16-byte rows)
   float eps;       // LayerNorm epsilon
   float scale;     // 1/sqrt(head_size)
-  // Programmatic dependent launch (fs::wait_for_previous_kernel): 0 none; 1 a segment kernel may start as the
-  // previous kernel's blocks exit; 2 each kernel lets the next one start as soon as all its blocks are running.
-  int launch_overlap;
   const float* key_bias;  // [B, S] additive key mask (0 or the lowest float), or nullptr for none
   // Inputs and parameters (nn.Linear layout [out, in]).
   const void* x;

@@ -148,22 +148,6 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // Grid-wide barrier between the stages of a persistent segment kernel (needs a cooperative launch).
 __device__ __forceinline__ void grid_barrier() { cooperative_groups::this_grid().sync(); }
 
-// Programmatic dependent launch (sm_90 on): a kernel launched with programmatic stream serialisation may start
-// while the kernel before it in the stream still runs. It may read weights at once, but must wait for that
-// kernel, and see its writes, before touching any activation. Both are no-ops on older GPUs and for kernels
-// launched without the attribute.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-// Let the next kernel in the stream start (it waits for this one to finish before reading our outputs).
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace fs
