@@ -194,9 +194,21 @@ def summary_line(row: dict) -> str:
     return f"M={row['M']} {row['gemm']}: " + "; ".join(parts) + f" | cuBLAS kernel {row['cublas_kernels']}"
 
 
-# What the layer's Hopper segments run (kernels/fs_gemm_sm90.cuh SegmentConfig): GEMM → (epilogue, configuration).
-SEGMENT_CONFIGS = {"attn_out": ("bias_residual", "pp_128x128_c1x1"), "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1"),
-                   "ffn2": ("bias_residual", "pp_128x128_c1x1")}
+# What the layer's Hopper segments run (kernels/fs_gemm_sm90.cuh, from MIN_ROWS rows on): GEMM → (epilogue,
+# configuration from MANY_ROWS rows on, configuration below that).
+MIN_ROWS, MANY_ROWS = 2048, 4096
+SEGMENT_CONFIGS = {"attn_out": ("bias_residual", "pp_128x128_c1x1", "coop_128x256_c2x1"),
+                   "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1", "coop_128x128_c2x1"),
+                   "ffn2": ("bias_residual", "pp_128x128_c1x1", "pp_128x128_c1x1")}
+
+
+def segment_config(gemm: str, rows: int) -> tuple[str | None, str | None]:
+    """(epilogue, configuration) the layer's segment runs for this GEMM at this many rows; (None, None) where it
+    runs none (too few rows: the generated kernel serves them)."""
+    epilogue, many, few = SEGMENT_CONFIGS.get(gemm, (None, None, None))
+    if rows < MIN_ROWS:
+        return None, None
+    return epilogue, many if rows >= MANY_ROWS else few
 
 
 def _cell(stats: dict) -> str:
@@ -221,7 +233,7 @@ def markdown(result: dict) -> str:
               "| GEMM | M | epilogue | configuration | cuBLAS + op | segment GEMM | ratio | plain: cuBLAS | "
               "plain: same configuration | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        epilogue, config = SEGMENT_CONFIGS.get(row["gemm"], (None, None))
+        epilogue, config = segment_config(row["gemm"], row["M"])
         if epilogue not in row or config not in row[epilogue]["configs"]:
             continue
         fused, plain = row[epilogue], row["plain"]

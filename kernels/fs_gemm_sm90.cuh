@@ -161,12 +161,18 @@ Outcome launch(const Problem& p, Options options, void* workspace, cudaStream_t 
 // From this many rows on, the segment runs here; below it, fs_gemm.cuh's split-K tiles keep more SMs busy.
 constexpr int kMinRows = 2048;
 
-// The fastest configuration per GEMM + epilogue at 8192 and 32768 rows in experiments/cutlass_probe.py (H100,
-// experiments/results/cutlass-probe-h100.md): 128×256 cooperative tiles on a 2×1 cluster for FFN1 + GELU,
-// 128×128 pingpong tiles for the two N = hidden GEMMs + bias + residual.
+// The configuration per GEMM + epilogue, from experiments/cutlass_probe.py (H100,
+// experiments/results/cutlass-probe-h100.md). From kManyRows on, the fastest at 4096–32768 rows: 128×256
+// cooperative tiles on a 2×1 cluster for FFN1 + GELU, 128×128 pingpong tiles for the two N = hidden GEMMs + bias +
+// residual. Below it, the fastest at 2048 rows: 128×128 tiles for FFN1 + GELU (128×256 ones leave too few tiles
+// for 132 SMs), and cooperative 128×256 tiles for the attention output (pingpong was 20 % slower there).
+constexpr int kManyRows = 4096;
 template <int OP> using SegmentConfig = std::conditional_t<
     OP == 10, Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Cooperative>,
     Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>>;
+template <int OP> using FewRowSegmentConfig = std::conditional_t<
+    OP == 10, Config<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Cooperative>,
+    std::conditional_t<OP == 7, Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Cooperative>, SegmentConfig<OP>>>;
 
 __host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
 
@@ -186,6 +192,20 @@ inline bool on_sm90() {
   return capability[device] == 90;
 }
 
+// Launch one segment configuration as a CUDA error code (cudaErrorNotSupported: nothing was launched).
+template <class E, class Cfg, class FusionOp> cudaError_t launch_segment_gemm(const Problem& p, cudaStream_t stream) {
+  // The persistent scheduler needs no workspace; a configuration that does would need the binding to allocate it.
+  if (workspace_bytes<E, Cfg, FusionOp>(p, {}) != 0) return cudaErrorInvalidConfiguration;
+  switch (launch<E, Cfg, FusionOp>(p, {}, nullptr, stream)) {
+    case Outcome::kLaunched: return cudaGetLastError();
+    case Outcome::kUnsupported: return cudaErrorNotSupported;
+    default: {
+      const cudaError_t error = cudaGetLastError();
+      return error != cudaSuccess ? error : cudaErrorLaunchFailure;
+    }
+  }
+}
+
 // Operator OP (7, 10 or 12) with the next operator as its epilogue, on fs::LayerArgs buffers.
 // cudaErrorNotSupported: not an sm_90 GPU, or CUTLASS cannot run this problem; nothing was launched and the
 // caller runs its own kernel.
@@ -202,16 +222,10 @@ template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a,
                   OP == 7 ? a.b_o : OP == 10 ? a.b_ffn1 : a.b_ffn2,
                   OP == 7 ? a.x : OP == 10 ? nullptr : a.attn_out,
                   OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res};
-  // The persistent scheduler needs no workspace; a configuration that does would need the binding to allocate it.
-  if (workspace_bytes<E, SegmentConfig<OP>, FusionOp>(p, {}) != 0) return cudaErrorInvalidConfiguration;
-  switch (launch<E, SegmentConfig<OP>, FusionOp>(p, {}, nullptr, stream)) {
-    case Outcome::kLaunched: return cudaGetLastError();
-    case Outcome::kUnsupported: return cudaErrorNotSupported;
-    default: {
-      const cudaError_t error = cudaGetLastError();
-      return error != cudaSuccess ? error : cudaErrorLaunchFailure;
-    }
+  if constexpr (!std::is_same_v<FewRowSegmentConfig<OP>, SegmentConfig<OP>>) {
+    if (p.M < kManyRows) return launch_segment_gemm<E, FewRowSegmentConfig<OP>, FusionOp>(p, stream);
   }
+  return launch_segment_gemm<E, SegmentConfig<OP>, FusionOp>(p, stream);
 }
 
 }  // namespace fs::sm90
