@@ -13,7 +13,8 @@ from .errors import ConfigError
 from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
-from .schedule import blocks_per_sm, hopper_gemm, prefetched_weights, stages_of, uses_library_gemm
+from .schedule import (blocks_per_sm, few_item_stages, hopper_gemm, prefetched_weights, stages_of,
+                       uses_library_gemm)
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
 
@@ -41,16 +42,15 @@ def _ctype(cfg: LayerConfig) -> str:
 def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUnit:
     """Render the kernel of one segment for cfg's kernel signature and a compute capability like '90'."""
     env = environment()
-    stages = []
-    for stage in stages_of(segment):
-        macros = env.get_template(f"stage_{stage.kind}.cu.j2").module
-        stages.append({"stage": stage, "call": str(macros.call(stage)).strip(),
-                       "smem": str(macros.smem(stage)).strip(), "work": str(macros.work(stage)).strip()})
+    kernels = [_kernel(env, stages_of(segment), "", "the segment")]
+    few = few_item_stages(segment)
+    if few:
+        kernels.append(_kernel(env, few, "_few_items", "the same stages in smaller items, for small batches"))
     # On Hopper a GEMM + epilogue segment also carries the CUTLASS path it takes at many rows.
     hopper = hopper_gemm(segment) if arch.rstrip("af") == "90" else None
     context = {"version": __version__, "segment": segment, "dtype": cfg.dtype, "ctype": _ctype(cfg),
-               "arch_label": f"sm_{arch}", "dims": _dims(cfg), "stages": stages, "hopper_gemm": hopper,
-               "prefetch_ops": prefetched_weights(segment), "blocks_per_sm": blocks_per_sm(segment)}
+               "arch_label": f"sm_{arch}", "dims": _dims(cfg), "kernels": kernels, "hopper_gemm": hopper,
+               "prefetch_ops": prefetched_weights(segment)}
     template = env.get_template("segment.cu.j2")
     # The name carries a hash of the source it names, so different code never shares a symbol.
     draft = template.render(**context, kernel_name="KERNEL", source_hash="-")
@@ -58,6 +58,16 @@ def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUn
     kernel_name = f"fs_{segment.name}_{cfg.dtype}_sm{arch}_{digest[:8]}"
     source = template.render(**context, kernel_name=kernel_name, source_hash=digest[:16])
     return GeneratedUnit(f"{kernel_name}.cu", kernel_name, source)
+
+
+def _kernel(env: jinja2.Environment, stages, suffix: str, summary: str) -> dict:
+    """One __global__ kernel of a segment unit: its stages rendered through their stage templates."""
+    rendered = []
+    for stage in stages:
+        macros = env.get_template(f"stage_{stage.kind}.cu.j2").module
+        rendered.append({"stage": stage, "call": str(macros.call(stage)).strip(),
+                         "smem": str(macros.smem(stage)).strip(), "work": str(macros.work(stage)).strip()})
+    return {"suffix": suffix, "summary": summary, "stages": rendered, "blocks_per_sm": blocks_per_sm(tuple(stages))}
 
 
 def render_binding(segments, kernel_of: dict[str, str], cfg: LayerConfig, arch: str,

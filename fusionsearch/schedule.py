@@ -43,6 +43,7 @@ class Stage:
     merge_heads: bool = False  # attention: store merged heads (operator 6)
     split_prologue: bool = False  # attention: read the QKV GEMM output and apply operator 1's bias on load
     rows_per_warp: int = 16  # attention: query rows per warp (32 needs a kernel of its own, one block per SM)
+    warp_groups: int = 1  # attention: independent warp groups per block, each with its own item
 
     @property
     def writes(self) -> str:
@@ -100,14 +101,26 @@ def stages_of(segment: Segment) -> tuple[Stage, ...]:
             op += 1
     if len(stages) == 1 and stages[0].kind == "attention":
         # Alone in its kernel, attention may take more registers: 32 rows per warp halve its shared-memory reads.
-        stages[0] = replace(stages[0], rows_per_warp=32)
+        stages[0] = replace(stages[0], rows_per_warp=32, warp_groups=2)
     return tuple(stages)
 
 
-def blocks_per_sm(segment: Segment) -> int:
-    """The occupancy the segment kernel is compiled for (its launch bounds): 1 where a stage needs more than
-    128 registers a thread, else 2."""
-    return 1 if any(stage.rows_per_warp > 16 for stage in stages_of(segment)) else 2
+def blocks_per_sm(segment: "Segment | tuple[Stage, ...]") -> int:
+    """The occupancy a segment kernel (or a kernel of these stages) is compiled for (its launch bounds): 1 where a
+    stage needs more than 128 registers a thread, else 2."""
+    stages = segment if isinstance(segment, tuple) else stages_of(segment)
+    return 1 if any(stage.rows_per_warp > 16 for stage in stages) else 2
+
+
+def few_item_stages(segment: Segment) -> "tuple[Stage, ...] | None":
+    """For attention alone in its kernel, the stages of a second kernel: 64-row items (two groups of four warps at
+    16 query rows each) at two blocks per SM, so each item is half the 32-row kernel's and an SM holds four. The
+    launch runs it when blocks of the 32-row kernel would fill at most half the SMs (B×S = 8×128 and below for
+    BERT-base on an H100), where it halves the query rows per busy SM. None for every other segment."""
+    stages = stages_of(segment)
+    if len(stages) == 1 and stages[0].kind == "attention" and stages[0].rows_per_warp > 16:
+        return (replace(stages[0], rows_per_warp=16, warp_groups=2),)
+    return None
 
 
 def prefetched_weights(segment: Segment) -> tuple[int, ...]:

@@ -1,14 +1,16 @@
-// Flash-style attention (operators 2–5 in one stage): each item is 128 query rows of one (batch, head); a warp
-// group streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async),
+// Flash-style attention (operators 2–5 in one stage): each item is a block of query rows of one (batch, head); a
+// warp group streams 64-key tiles of K, V and the key-mask bias through shared memory (double-buffered cp.async),
 // keeps an online softmax in registers and never writes the S×S scores. Optionally stores merged heads
 // (operator 6). A persistent group walks its items as one stream of key tiles, prefetching across item boundaries.
 //
-// ROWS query rows per warp:
-//   * 16: the block's 8 warps share one item; 128 registers a thread, so two blocks fit on an SM (the shape every
-//     multi-stage segment kernel needs).
-//   * 32: two independent groups of 4 warps per block, each with its own item, shared memory and named barrier.
-//     Every K and V fragment read from shared memory feeds two MMAs instead of one, halving the shared-memory
-//     traffic that bounds the 16-row kernel, for more registers (one block per SM).
+// ROWS query rows per warp and GROUPS independent warp groups per block (each with its own item, shared memory and
+// named barrier); an item is ROWS × (warps per group) query rows:
+//   * 16 rows, 1 group: the block's 8 warps share a 128-row item; 128 registers a thread, so two blocks fit on an
+//     SM (the shape every multi-stage segment kernel needs).
+//   * 32 rows, 2 groups of 4 warps: every K and V fragment read from shared memory feeds two MMAs instead of one,
+//     for 255 registers (one block per SM). 2–4 % faster than 16 rows where there are items enough for every SM.
+//   * 16 rows, 2 groups of 4 warps: 64-row items at two blocks per SM, for batches too small to give every SM a
+//     block of the 32-row kernel.
 //
 // With FROM_QKV the stage also absorbs operator 1: it reads Q, K and V straight from the QKV GEMM's [M, 3H] rows
 // and applies the bias itself, so the split layout is never written. Only the Q and V biases matter: the K bias
@@ -21,40 +23,42 @@
 
 namespace fs {
 
-template <class D, int ROWS> struct FlashTile {
+template <class D, int ROWS, int GROUPS_> struct FlashTile {
   static_assert(ROWS == 16 || ROWS == 32, "16 or 32 query rows per warp");
+  static_assert(GROUPS_ == 1 || GROUPS_ == 2, "one or two warp groups per block");
   static constexpr int MT = ROWS / 16;                    // 16-row MMA tiles per warp
-  static constexpr int GROUPS = MT;                       // independent warp groups per block
+  static constexpr int GROUPS = GROUPS_;                  // independent warp groups per block
   static constexpr int GROUP_THREADS = kThreads / GROUPS;
-  static constexpr int BQ = ROWS * GROUP_THREADS / 32;    // query rows per item: 128
+  static constexpr int BQ = ROWS * GROUP_THREADS / 32;    // query rows per item: 64 or 128
   static constexpr int BKV = 64;
   static constexpr int STRIDE = D::d + 8;  // padded rows for conflict-free ldmatrix
   static constexpr int SMEM_ELEMS = 2 * BQ * STRIDE + 4 * BKV * STRIDE;  // Q, 2×K, 2×V, output staging
   static constexpr int BIAS_FLOATS = 2 * BKV;  // 2× the tile's key-mask bias
 };
 
-template <class T, class D, int ROWS> __host__ __device__ constexpr int attention_group_smem() {
-  return FlashTile<D, ROWS>::SMEM_ELEMS * int(sizeof(T)) + FlashTile<D, ROWS>::BIAS_FLOATS * int(sizeof(float));
+template <class T, class D, int ROWS, int GROUPS> __host__ __device__ constexpr int attention_group_smem() {
+  using F = FlashTile<D, ROWS, GROUPS>;
+  return F::SMEM_ELEMS * int(sizeof(T)) + F::BIAS_FLOATS * int(sizeof(float));
 }
-template <class T, class D, int ROWS> __host__ __device__ constexpr int attention_smem() {
-  return FlashTile<D, ROWS>::GROUPS * attention_group_smem<T, D, ROWS>();
+template <class T, class D, int ROWS, int GROUPS> __host__ __device__ constexpr int attention_smem() {
+  return GROUPS * attention_group_smem<T, D, ROWS, GROUPS>();
 }
 
 // Blocks the stage can use: one item per warp group.
-template <class T, class D, int ROWS> __host__ __device__ inline int attention_work(const LayerArgs& a) {
-  using F = FlashTile<D, ROWS>;
+template <class T, class D, int ROWS, int GROUPS> __host__ __device__ inline int attention_work(const LayerArgs& a) {
+  using F = FlashTile<D, ROWS, GROUPS>;
   return ceil_div(a.batch * D::heads * ceil_div(a.seq, F::BQ), F::GROUPS);
 }
 
-template <class T, class D, int ROWS, bool MERGE_HEADS, bool FROM_QKV>
+template <class T, class D, int ROWS, int GROUPS, bool MERGE_HEADS, bool FROM_QKV>
 __device__ void attention_op(const LayerArgs& a, char* smem) {
-  using F = FlashTile<D, ROWS>;
+  using F = FlashTile<D, ROWS, GROUPS>;
   constexpr int MT = F::MT;
   constexpr int DK = D::d / 16;  // k-steps of Q·Kᵀ and n-pairs of P·V
   constexpr float kLog2e = 1.4426950408889634f;
   const int group = threadIdx.x / F::GROUP_THREADS, tid = threadIdx.x % F::GROUP_THREADS;
   const int warp = tid / 32, lane = tid % 32;
-  T* sQ = reinterpret_cast<T*>(smem + group * attention_group_smem<T, D, ROWS>());
+  T* sQ = reinterpret_cast<T*>(smem + group * attention_group_smem<T, D, ROWS, GROUPS>());
   T* sK = sQ + F::BQ * F::STRIDE;
   T* sV = sK + 2 * F::BKV * F::STRIDE;
   T* sO = sV + 2 * F::BKV * F::STRIDE;  // each warp stages its output rows for whole 16-byte stores

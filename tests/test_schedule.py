@@ -1,7 +1,9 @@
 """How segments split into stages: epilogues, prologues, absorbed elementwise operators, barriers."""
+from dataclasses import replace
+
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.schedule import (barrier_count, blocks_per_sm, hopper_gemm, prefetched_weights, stages_of,
-                                   tensors_written)
+from fusionsearch.schedule import (barrier_count, blocks_per_sm, few_item_stages, hopper_gemm, prefetched_weights,
+                                   stages_of, tensors_written)
 
 
 def _shape(segment):
@@ -84,3 +86,15 @@ def test_attention_alone_in_its_kernel_runs_32_rows_per_warp_at_one_block_per_sm
     attention = [s for s in stages_of(Segment(1, 9, True)) if s.kind == "attention"]
     assert attention[0].rows_per_warp == 16 and blocks_per_sm(Segment(1, 9, True)) == 2
     assert all(blocks_per_sm(segment) == 2 for segment in all_segments() if not segment.attention)
+
+
+def test_only_lone_attention_has_a_few_item_kernel_of_64_row_items_at_two_blocks_per_sm():
+    for segment in all_segments():
+        few = few_item_stages(segment)
+        alone = len(stages_of(segment)) == 1 and stages_of(segment)[0].kind == "attention"
+        assert (few is not None) == alone, segment.name
+        if few:
+            assert (few[0].rows_per_warp, few[0].warp_groups, blocks_per_sm(few)) == (16, 2, 2)
+            assert replace(few[0], rows_per_warp=32) == stages_of(segment)[0]  # same operators, same fusion
+    assert stages_of(Segment(2, 5, True))[0].warp_groups == 2
+    assert stages_of(Segment(1, 9, True))[1].warp_groups == 1
