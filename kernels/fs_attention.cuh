@@ -198,28 +198,56 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
         }
       }
 
-    // Scores into the log2 domain plus the staged bias, then the online softmax.
+    // Scores into the log2 domain plus the staged bias, and each row's maximum over the tile.
+    float tile_max[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      float tile_max[2] = {-FLT_MAX, -FLT_MAX};
+      tile_max[mt][0] = tile_max[mt][1] = -FLT_MAX;
 #pragma unroll
       for (int n = 0; n < F::BKV / 8; ++n) {
         const float2 bias = *reinterpret_cast<const float2*>(bias_tile + n * 8 + (lane % 4) * 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[mt][n][e] = fmaf(s[mt][n][e], scale_log2, e & 1 ? bias.y : bias.x);
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[mt][n][e]);
+          tile_max[mt][e / 2] = fmaxf(tile_max[mt][e / 2], s[mt][n][e]);
         }
       }
-      float corr[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float m_new = fmaxf(m_run[mt][r], tile_max[r]);
-        corr[r] = fast_exp2(m_run[mt][r] - m_new);
-        m_run[mt][r] = m_new;
+        tile_max[mt][r] = fmaxf(tile_max[mt][r], __shfl_xor_sync(0xffffffffu, tile_max[mt][r], 1));
+        tile_max[mt][r] = fmaxf(tile_max[mt][r], __shfl_xor_sync(0xffffffffu, tile_max[mt][r], 2));
       }
+    }
+    // Online softmax with lazy rescaling: a row keeps its running maximum until a tile exceeds it by more than
+    // kSlack (log2 units), so probabilities stay ≤ 2^kSlack (exact enough in T and in the fp32 sums), and the
+    // output and row sums are rescaled only when some row of the warp needs it: after the first key tiles,
+    // hardly ever. A row whose keys so far were all masked moves to its first real maximum at once.
+    constexpr float kSlack = 8.f;
+    bool grow = false;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) grow |= tile_max[mt][r] > m_run[mt][r] + kSlack;
+    if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float m_new = fmaxf(m_run[mt][r], tile_max[mt][r]);
+          corr[r] = fast_exp2(m_run[mt][r] - m_new);
+          m_run[mt][r] = m_new;
+          l_run[mt][r] *= corr[r];
+        }
+#pragma unroll
+        for (int n = 0; n < D::d / 8; ++n) {
+          o[mt][n][0] *= corr[0]; o[mt][n][1] *= corr[0];
+          o[mt][n][2] *= corr[1]; o[mt][n][3] *= corr[1];
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
       float row_sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int n = 0; n < F::BKV / 8; ++n)
@@ -229,12 +257,7 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
           row_sum[e / 2] += s[mt][n][e];
         }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) l_run[mt][r] = l_run[mt][r] * corr[r] + row_sum[r];
-#pragma unroll
-      for (int n = 0; n < D::d / 8; ++n) {
-        o[mt][n][0] *= corr[0]; o[mt][n][1] *= corr[0];
-        o[mt][n][2] *= corr[1]; o[mt][n][3] *= corr[1];
-      }
+      for (int r = 0; r < 2; ++r) l_run[mt][r] += row_sum[r];
     }
 
     // O += P·V: the score accumulators are already laid out as A fragments.
