@@ -54,5 +54,18 @@ def test_committed_probe_runs_render_both_tables():
     text = probe.markdown(result)
     assert text.count("| plain |") == 12  # four GEMMs at three row counts
     assert "| ffn2 | 32768×768×3072 | bias_residual |" in text
-    segment_rows = [line for line in text.splitlines() if "| pp_128x128_c1x1 |" in line]
-    assert len(segment_rows) == 6  # attention output and FFN2 at three row counts
+    segment_table = text[text.index("The configurations the segments use"):]
+    rows = [line.split(" | ") for line in segment_table.splitlines() if line.startswith(("| attn_out |", "| ffn2 |"))]
+    assert len(rows) == 6  # attention output and FFN2 at three row counts
+    for gemm, m, epilogue, config, *_ in rows:
+        assert (epilogue, config) == probe.segment_config(gemm[2:], int(m))
+    assert probe.segment_config("attn_out", 2048)[1] == "coop_128x256_c2x1"  # below 4096 rows
+    assert probe.segment_config("attn_out", 8192)[1] == "pp_128x128_c1x1"
+    assert probe.segment_config("ffn1", 1024) == (None, None)  # the generated kernel runs below 2048 rows
+
+
+def test_the_switch_rows_run_renders_only_rows_the_segments_serve():
+    probe = _probe_script()
+    result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-1024-4096-h100.json").read_text())
+    segment_table = probe.markdown(result).split("The configurations the segments use")[1]
+    assert "| 4096 |" in segment_table and "| 1024 |" not in segment_table
