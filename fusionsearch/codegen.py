@@ -13,8 +13,8 @@ from .errors import ConfigError
 from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
-from .schedule import (blocks_per_sm, few_item_stages, hopper_gemm, prefetched_weights, stages_of,
-                       uses_library_gemm)
+from .schedule import (blocks_per_sm, few_item_stages, hopper_gemm, prefetched_weights, resident_weight_ops,
+                       resident_weight_stages, stages_of, uses_library_gemm)
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
 
@@ -46,8 +46,12 @@ def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUn
     few = few_item_stages(segment)
     if few:
         kernels.append(_kernel(env, few, "_few_items", "the same stages in smaller items, for small batches"))
+    hopper_arch = arch.rstrip("af") == "90"
+    resident = resident_weight_stages(segment) if hopper_arch else None
+    if resident:
+        kernels.append(_kernel(env, resident, "_resident", "the same stages with resident weights, for few rows"))
     # On Hopper a GEMM + epilogue segment also carries the CUTLASS path it takes at many rows.
-    hopper = hopper_gemm(segment) if arch.rstrip("af") == "90" else None
+    hopper = hopper_gemm(segment) if hopper_arch else None
     context = {"version": __version__, "segment": segment, "dtype": cfg.dtype, "ctype": _ctype(cfg),
                "arch_label": f"sm_{arch}", "dims": _dims(cfg), "kernels": kernels, "hopper_gemm": hopper,
                "prefetch_ops": prefetched_weights(segment)}
@@ -67,7 +71,8 @@ def _kernel(env: jinja2.Environment, stages, suffix: str, summary: str) -> dict:
         macros = env.get_template(f"stage_{stage.kind}.cu.j2").module
         rendered.append({"stage": stage, "call": str(macros.call(stage)).strip(),
                          "smem": str(macros.smem(stage)).strip(), "work": str(macros.work(stage)).strip()})
-    return {"suffix": suffix, "summary": summary, "stages": rendered, "blocks_per_sm": blocks_per_sm(tuple(stages))}
+    return {"suffix": suffix, "summary": summary, "stages": rendered, "blocks_per_sm": blocks_per_sm(tuple(stages)),
+            "resident_ops": resident_weight_ops(tuple(stages))}
 
 
 def render_binding(segments, kernel_of: dict[str, str], cfg: LayerConfig, arch: str,

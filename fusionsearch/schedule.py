@@ -44,6 +44,7 @@ class Stage:
     split_prologue: bool = False  # attention: read the QKV GEMM output and apply operator 1's bias on load
     rows_per_warp: int = 16  # attention: query rows per warp (32 needs a kernel of its own, one block per SM)
     warp_groups: int = 1  # attention: independent warp groups per block, each with its own item
+    resident_weights: bool = False  # layer gemm: against the block's weight slice, loaded when the kernel starts
 
     @property
     def writes(self) -> str:
@@ -109,7 +110,7 @@ def blocks_per_sm(segment: "Segment | tuple[Stage, ...]") -> int:
     """The occupancy a segment kernel (or a kernel of these stages) is compiled for (its launch bounds): 1 where a
     stage needs more than 128 registers a thread, else 2."""
     stages = segment if isinstance(segment, tuple) else stages_of(segment)
-    return 1 if any(stage.rows_per_warp > 16 for stage in stages) else 2
+    return 1 if any(stage.rows_per_warp > 16 or stage.resident_weights for stage in stages) else 2
 
 
 def few_item_stages(segment: Segment) -> "tuple[Stage, ...] | None":
@@ -121,6 +122,26 @@ def few_item_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     if len(stages) == 1 and stages[0].kind == "attention" and stages[0].rows_per_warp > 16:
         return (replace(stages[0], rows_per_warp=16, warp_groups=2),)
     return None
+
+
+def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
+    """For a segment with a layer GEMM (one with a weight matrix), the stages of a second kernel for few rows on
+    sm_90: every block holds a slice of each of those weight matrices in shared memory, copied in when the kernel
+    starts, so the weight stream runs under the stages and barriers before each GEMM (one block per SM). None for
+    segments without a layer GEMM."""
+    stages = stages_of(segment)
+    if not any(_holds_weights(stage) for stage in stages):
+        return None
+    return tuple(replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages)
+
+
+def resident_weight_ops(stages: tuple[Stage, ...]) -> tuple[int, ...]:
+    """The GEMM operators whose weights a kernel of these stages keeps resident, in stage order."""
+    return tuple(stage.op for stage in stages if stage.resident_weights)
+
+
+def _holds_weights(stage: Stage) -> bool:
+    return stage.kind == "gemm" and stage.op in _WEIGHT_GEMMS
 
 
 def prefetched_weights(segment: Segment) -> tuple[int, ...]:

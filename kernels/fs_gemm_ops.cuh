@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "fs_gemm.cuh"
+#include "fs_gemm_resident.cuh"
 
 namespace fs {
 
@@ -79,6 +80,15 @@ __device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader&
   }
 }
 
+// A layer GEMM (one with a weight matrix): against the block's resident weight slice where the segment kernel
+// holds one, else tiled.
+template <class T, class D, int OP, class Resident, class ALoader, class Epi>
+__device__ __forceinline__ void layer_gemm(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
+                                           char* smem, const SplitK& sk) {
+  if constexpr (Resident::template holds<OP>()) resident_gemm<T, D, OP, Resident>(g, A, epi, smem, sk);
+  else gemm_dispatch<T, D, OP>(g, A, B, epi, smem, sk);
+}
+
 // Ask L2 for a later stage's weight matrix at the start of a segment kernel, spread over the whole grid. At
 // few rows the layer is bound by streaming 14 MB of weights, and the stages before a GEMM (its predecessors'
 // GEMMs, attention, LayerNorm, grid barriers) would otherwise leave that stream idle.
@@ -94,7 +104,7 @@ template <class T, class D, int OP> __device__ __forceinline__ void prefetch_wei
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + i * kLine));
 }
 
-template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE>
+template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
   const SplitK sk{a.splitk_partials, a.splitk_counters};
@@ -108,7 +118,7 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
     if constexpr (FUSE_NEXT) {  // + bias, then split into [3, B, heads, S, d]
       const T* bias = static_cast<const T*>(a.b_qkv);
       T* dst = static_cast<T*>(a.qkv_heads);
-      gemm_dispatch<T, D, OP>(g, A, B, [=](int, int row, int col, float v0, float v1) {
+      layer_gemm<T, D, OP, Resident>(g, A, B, [=](int, int row, int col, float v0, float v1) {
         const int which = col / D::hidden, h = (col % D::hidden) / D::d, j = col % D::d;
         const int b = row / S, s = row % S;
         T* p = dst + which * heads_elems + ((static_cast<long long>(b) * D::heads + h) * S + s) * D::d + j;
@@ -116,7 +126,7 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       }, smem, sk);
     } else {
       T* dst = static_cast<T*>(a.qkv);
-      gemm_dispatch<T, D, OP>(g, A, B, [=](int, int row, int col, float v0, float v1) {
+      layer_gemm<T, D, OP, Resident>(g, A, B, [=](int, int row, int col, float v0, float v1) {
         store2(dst + static_cast<long long>(row) * 3 * D::hidden + col, v0, v1);
       }, smem, sk);
     }
@@ -185,10 +195,10 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
       }
     };
     if constexpr (OP == 7 && MERGE_PROLOGUE) {
-      gemm_dispatch<T, D, OP>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem, sk);
+      layer_gemm<T, D, OP, Resident>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem, sk);
     } else {
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
-      gemm_dispatch<T, D, OP>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
+      layer_gemm<T, D, OP, Resident>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
     }
   }
 }

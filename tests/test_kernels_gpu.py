@@ -17,7 +17,9 @@ from gpu_support import library_for
 
 pytestmark = pytest.mark.gpu
 DTYPES = ("fp16", "bf16")
-PLAN_SHAPES = ((1, 32), (3, 97), (4, 128), (16, 128), (8, 512))  # 4x128: the most rows that use split-K
+# 1x32 and 2x32: resident-weight kernels (up to fs::kResidentMaxRows on sm_90); 4x128: the most rows that use
+# split-K.
+PLAN_SHAPES = ((1, 32), (2, 32), (3, 97), (4, 128), (16, 128), (8, 512))
 
 
 def _weights(cfg):
@@ -36,8 +38,9 @@ def _random_plans(count: int, seed: int) -> list[Plan]:
             Plan.from_cuts({1, 7, 9, 10, 12, 14}, attention=True), *picked]
 
 
-# 3×97: 291 rows, split-K over 64×128 tiles; 2×45: 90 rows, the few-row 32×64 tiles with a partial row tile.
-@pytest.mark.parametrize("dtype,batch,seq", [("fp16", 3, 97), ("bf16", 3, 97), ("fp16", 2, 45)])
+# 3×97: 291 rows, split-K over 64×128 tiles; 2×45: 90 rows, the few-row 32×64 tiles with a partial row tile;
+# 1×45: on sm_90 the resident-weight kernels with a partial row group.
+@pytest.mark.parametrize("dtype,batch,seq", [("fp16", 3, 97), ("bf16", 3, 97), ("fp16", 2, 45), ("bf16", 1, 45)])
 def test_every_segment_kernel_matches_reference_with_padding(dtype, batch, seq):
     from fusionsearch.verify import verify_segment
 
@@ -136,7 +139,8 @@ def test_plan_of_k_segments_launches_k_kernels():
         assert sorted(e.name.split("_fp16")[0][3:] for e in launched) == sorted(s.name for s in generated)
 
 
-@pytest.mark.parametrize("batch,seq", [(4, 77), (2, 45)])  # split-K over 64×128 tiles, and over 32×64 tiles
+# Split-K over 64×128 tiles, over 32×64 tiles, and across resident-weight blocks (sm_90).
+@pytest.mark.parametrize("batch,seq", [(4, 77), (2, 45), (1, 45)])
 def test_cuda_graph_replay_matches_direct_launch(batch, seq):
     import torch
     from fusionsearch.runtime import FusedEncoderLayer

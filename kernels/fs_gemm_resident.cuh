@@ -1,0 +1,294 @@
+// Layer GEMMs whose weights sit in shared memory for a whole segment kernel, for few rows on sm_90.
+//
+// At a few dozen rows a layer is bound by streaming 14 MB of weights and by the latency of each dependent step,
+// not by math. So a persistent segment kernel deals every block a fixed slice of each weight matrix it multiplies
+// and starts all those copies (bulk async copies, one mbarrier per GEMM) before its first stage. The weight stream
+// then runs under the stages and grid barriers before each GEMM, and a GEMM stage reads only activations.
+//
+// A block's slice of an [N, K] weight is a run of 8-column groups over one K split. Its 8 warps divide the split's
+// K range; their sums meet in shared memory in warp order, and K splits across blocks meet in the split-K scratch,
+// added in split order by the last block to arrive, so results are bit-reproducible.
+#pragma once
+#include "fs_gemm.cuh"
+
+namespace fs {
+
+// Rows up to which a segment launches its resident-weight kernel. Every block reads all rows of A for its slice,
+// one group of 32 rows after the other, so the time grows with M: at 128 rows the whole layer took 68 µs against
+// 34 at 32 (H100), where tiled kernels and cuBLAS take 40.
+constexpr int kResidentMaxRows = 64;
+constexpr int kResidentSplitDepth = 768;  // K elements a block's slice spans at most: K = 3072 splits four ways
+constexpr int kResidentMaxN8 = 4;         // 8-column groups of one GEMM a block may hold (the launch checks)
+constexpr int kResidentRowGroup = 32;     // rows per pass: two m16 tiles per warp
+constexpr int kResidentScratchStride = kResidentMaxN8 * 8 + 8;  // floats per row of a warp's sums (+8: banks)
+constexpr int kResidentScratchBytes = kWarps * kResidentRowGroup * kResidentScratchStride * 4;
+
+// The [N, K] weight (nn.Linear layout) of layer GEMM OP, as resident slices.
+template <class D, int OP> struct ResidentGemm {
+  static_assert(OP == 0 || OP == 7 || OP == 10 || OP == 12, "only the layer GEMMs have weights");
+  static constexpr int N = OP == 0 ? 3 * D::hidden : OP == 10 ? D::ffn : D::hidden;
+  static constexpr int K = OP == 12 ? D::ffn : D::hidden;
+  static constexpr int N8 = N / 8;
+  static constexpr int SPLITS = ceil_div(K, kResidentSplitDepth);
+  static constexpr int KS = K / SPLITS;  // K elements of one split
+  static constexpr int CHUNKS = KS / 32;
+  static constexpr int CHUNKS_PER_WARP = ceil_div(CHUNKS, kWarps);
+  static constexpr int ROW_BYTES = KS * 2;
+  // A quarter warp reads two rows of 64 bytes: a row stride of 64 mod 128 bytes keeps them on distinct banks.
+  static constexpr int ROW_STRIDE = ROW_BYTES + (ROW_BYTES % 128 == 0 ? 64 : 0);
+  static_assert(N % 8 == 0 && K % (SPLITS * 32) == 0, "weights must split into 8-column groups and 32-deep chunks");
+
+  // Column partitions for a grid of `grid` blocks: each is SPLITS units (one per K split), at most one per block.
+  static __host__ __device__ int parts(int grid) { return grid / SPLITS < N8 ? grid / SPLITS : N8; }
+  static __host__ __device__ int units(int grid) { return SPLITS * parts(grid); }
+  static __host__ __device__ bool fits(int grid) {
+    return parts(grid) > 0 && ceil_div(N8, parts(grid)) <= kResidentMaxN8;
+  }
+};
+
+// One block's slice of one resident GEMM.
+struct ResidentSlice {
+  int part = -1;  // column partition; -1: the block holds none of this GEMM
+  int split = 0;  // K split
+  int n0 = 0;     // first column
+  int n8 = 0;     // 8-column groups
+  int offset = 0; // bytes from the start of the block's weight region
+  int bytes = 0;  // shared-memory bytes of the slice (padded rows)
+};
+
+// Units are dealt round-robin over the grid, each GEMM continuing where the previous one stopped, so every block
+// holds a similar share of all the weights.
+template <class D, int OP> __host__ __device__ inline ResidentSlice resident_slice(int block, int grid, int dealt) {
+  using G = ResidentGemm<D, OP>;
+  ResidentSlice s;
+  const int unit = ((block - dealt % grid) % grid + grid) % grid;
+  if (unit >= G::units(grid)) return s;
+  const int parts = G::parts(grid);
+  s.part = unit / G::SPLITS;
+  s.split = unit % G::SPLITS;
+  const int first = s.part * G::N8 / parts, end = (s.part + 1) * G::N8 / parts;
+  s.n0 = first * 8;
+  s.n8 = end - first;
+  s.bytes = s.n8 * 8 * G::ROW_STRIDE;
+  return s;
+}
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t* bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  }
+}
+// Global → shared copy by the bulk-copy engine; completion counts bytes on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+
+// No resident weights: every GEMM stage runs the tiled GEMM.
+struct NoResidentWeights {
+  template <int OP> static constexpr bool holds() { return false; }
+};
+
+// The resident weights of one segment kernel: GEMM operators OPS in stage order. Dynamic shared memory holds the
+// stages' scratch (SCRATCH bytes), then one mbarrier per GEMM, then the block's weight slices.
+template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
+  static_assert(sizeof(T) == 2, "resident weights are 16-bit");
+  static_assert(SCRATCH >= kResidentScratchBytes, "the stage scratch must hold the resident GEMM's warp sums");
+  static constexpr int kSlots = sizeof...(OPS);
+  static constexpr int kBarrierOffset = ceil_div(SCRATCH, 128) * 128;
+  static constexpr int kWeightOffset = kBarrierOffset + ceil_div(kSlots * 8, 128) * 128;
+
+  template <int OP> static constexpr bool holds() { return ((OPS == OP) || ...); }
+  template <int OP> static constexpr int slot() {
+    int index = 0, found = -1;
+    ((found = OPS == OP ? index : found, ++index), ...);
+    return found;
+  }
+
+  template <int OP> static __host__ __device__ ResidentSlice slice(int block, int grid) {
+    ResidentSlice found;
+    int dealt = 0, offset = 0;
+    (visit<OPS>(block, grid, OP, dealt, offset, found), ...);
+    return found;
+  }
+  static __host__ __device__ int weight_bytes(int block, int grid) {
+    ResidentSlice unused;
+    int dealt = 0, offset = 0;
+    (visit<OPS>(block, grid, -1, dealt, offset, unused), ...);
+    return offset;
+  }
+  // Dynamic shared memory a block needs on a grid of `grid` blocks; 0 where some GEMM cannot be dealt.
+  static int smem_bytes(int grid) {
+    if (!(ResidentGemm<D, OPS>::fits(grid) && ...)) return 0;
+    int most = 0;
+    for (int block = 0; block < grid; ++block) most = max_bytes(most, weight_bytes(block, grid));
+    return kWeightOffset + most;
+  }
+  // Bulk copies need 16-byte aligned sources.
+  static bool aligned(const LayerArgs& a) {
+    return (aligned16(weight_of<OPS>(a)) && ...);
+  }
+
+  static __device__ uint64_t* barrier(char* smem, int slot) {
+    return reinterpret_cast<uint64_t*>(smem + kBarrierOffset) + slot;
+  }
+  static __device__ const char* weights(const char* smem) { return smem + kWeightOffset; }
+
+  // Start every weight copy of this block, GEMMs in stage order; called by the whole block before its first stage.
+  static __device__ void start(const LayerArgs& a, char* smem) {
+    if (threadIdx.x < 32) {
+      if (threadIdx.x == 0) {
+        for (int s = 0; s < kSlots; ++s) mbarrier_init(barrier(smem, s), 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+      }
+      __syncwarp();
+      (issue<OPS>(a, smem), ...);
+    }
+    __syncthreads();
+  }
+
+ private:
+  static __host__ __device__ int max_bytes(int x, int y) { return x > y ? x : y; }
+  static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+  template <int OP> static __host__ __device__ const void* weight_of(const LayerArgs& a) {
+    return OP == 0 ? a.w_qkv : OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2;
+  }
+  template <int OP>
+  static __host__ __device__ void visit(int block, int grid, int want, int& dealt, int& offset, ResidentSlice& found) {
+    ResidentSlice s = resident_slice<D, OP>(block, grid, dealt);
+    s.offset = offset;
+    if (OP == want) found = s;
+    offset += s.bytes;
+    dealt += ResidentGemm<D, OP>::units(grid);
+  }
+  template <int OP> static __device__ void issue(const LayerArgs& a, char* smem) {
+    using G = ResidentGemm<D, OP>;
+    uint64_t* bar = barrier(smem, slot<OP>());
+    const ResidentSlice s = slice<OP>(blockIdx.x, gridDim.x);
+    if (s.part < 0) return;  // this block never waits on the barrier
+    if (threadIdx.x == 0) mbarrier_expect_bytes(bar, s.n8 * 8 * G::ROW_BYTES);
+    __syncwarp();
+    const T* w = static_cast<const T*>(weight_of<OP>(a)) + static_cast<long long>(s.n0) * G::K + s.split * G::KS;
+    char* dst = smem + kWeightOffset + s.offset;
+    for (int row = threadIdx.x; row < s.n8 * 8; row += 32)
+      bulk_copy(dst + row * G::ROW_STRIDE, w + static_cast<long long>(row) * G::K, G::ROW_BYTES, bar);
+  }
+};
+
+// C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair.
+//
+// Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
+// {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
+// and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
+template <class T, class D, int OP, class Resident, class ALoader, class Epi>
+__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk) {
+  using G = ResidentGemm<D, OP>;
+  const ResidentSlice s = Resident::template slice<OP>(blockIdx.x, gridDim.x);
+  if (s.part < 0) return;
+  mbarrier_wait(Resident::barrier(smem, Resident::template slot<OP>()), 0);
+  const char* sw = Resident::weights(smem) + s.offset;
+  float* sums = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
+  const int k0 = s.split * G::KS, cols = s.n8 * 8, pairs = kResidentRowGroup * cols / 2;
+  float* partials = sk.partials + static_cast<long long>(s.part * G::SPLITS + s.split) * g.M * (kResidentMaxN8 * 8);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+
+  for (int m0 = 0; m0 < g.M; m0 += kResidentRowGroup) {
+    uint4 a_lo[G::CHUNKS_PER_WARP][2], a_hi[G::CHUNKS_PER_WARP][2];
+#pragma unroll
+    for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+      const int chunk = warp + i * kWarps;
+      const int k = k0 + chunk * 32 + t * 8;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int row = m0 + mi * 16 + gq;
+        const bool in_k = chunk < G::CHUNKS;
+        a_lo[i][mi] = in_k && row < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row, k))) : zero;
+        a_hi[i][mi] = in_k && row + 8 < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row + 8, k))) : zero;
+      }
+    }
+    float acc[2][kResidentMaxN8][4] = {};
+#pragma unroll
+    for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+      const int chunk = warp + i * kWarps;
+      if (chunk >= G::CHUNKS) continue;
+#pragma unroll
+      for (int ni = 0; ni < kResidentMaxN8; ++ni) {
+        if (ni >= s.n8) continue;
+        const uint4 b = *reinterpret_cast<const uint4*>(sw + (ni * 8 + gq) * G::ROW_STRIDE + chunk * 64 + t * 16);
+        const uint32_t b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const uint32_t a_first[4] = {a_lo[i][mi].x, a_hi[i][mi].x, a_lo[i][mi].y, a_hi[i][mi].y};
+          const uint32_t a_second[4] = {a_lo[i][mi].z, a_hi[i][mi].z, a_lo[i][mi].w, a_hi[i][mi].w};
+          mma16816<T>(acc[mi][ni], a_first, b_first);
+          mma16816<T>(acc[mi][ni], a_second, b_second);
+        }
+      }
+    }
+    // Each warp's sums to shared memory, then every output pair adds them up in warp order.
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kResidentMaxN8; ++ni) {
+        if (ni >= s.n8) continue;
+        float* row = sums + (warp * kResidentRowGroup + mi * 16 + gq) * kResidentScratchStride + ni * 8 + t * 2;
+        *reinterpret_cast<float2*>(row) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+        *reinterpret_cast<float2*>(row + 8 * kResidentScratchStride) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+      }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += kThreads) {
+      const int r = p / (cols / 2), c = (p % (cols / 2)) * 2, row = m0 + r;
+      if (row >= g.M) continue;
+      float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float2 x = *reinterpret_cast<const float2*>(sums + (w * kResidentRowGroup + r) * kResidentScratchStride + c);
+        v0 += x.x;
+        v1 += x.y;
+      }
+      if constexpr (G::SPLITS == 1) epi(0, row, s.n0 + c, v0, v1);
+      else __stcg(reinterpret_cast<float2*>(partials + row * (kResidentMaxN8 * 8) + c), make_float2(v0, v1));
+    }
+    __syncthreads();  // the next row group reuses the sums
+  }
+
+  if constexpr (G::SPLITS > 1) {
+    // The last split to arrive adds all of them, in split order, and runs the epilogue.
+    __shared__ bool last_arrival;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_arrival = atomicAdd(sk.counters + s.part, 1u) == static_cast<unsigned>(G::SPLITS - 1);
+    __syncthreads();
+    if (!last_arrival) return;
+    __threadfence();
+    const float* first = sk.partials + static_cast<long long>(s.part * G::SPLITS) * g.M * (kResidentMaxN8 * 8);
+    const long long split_stride = static_cast<long long>(g.M) * (kResidentMaxN8 * 8);
+    for (int p = threadIdx.x; p < g.M * cols / 2; p += kThreads) {
+      const int row = p / (cols / 2), c = (p % (cols / 2)) * 2;
+      float2 part[G::SPLITS];
+#pragma unroll
+      for (int k = 0; k < G::SPLITS; ++k)
+        part[k] = __ldcg(reinterpret_cast<const float2*>(first + k * split_stride + row * (kResidentMaxN8 * 8) + c));
+      float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+      for (int k = 0; k < G::SPLITS; ++k) {
+        v0 += part[k].x;
+        v1 += part[k].y;
+      }
+      epi(0, row, s.n0 + c, v0, v1);
+    }
+    if (threadIdx.x == 0) sk.counters[s.part] = 0;  // ready for the next GEMM that uses this scratch
+  }
+}
+
+}  // namespace fs
