@@ -23,7 +23,7 @@ _QKV_SPLIT = 1
 _EPILOGUE_OF = {0: 1, 2: 3, 5: 6, 7: 8, 10: 11, 12: 13}
 # Row reduction → the elementwise operator before it that it applies on load.
 _ABSORBED_BY = {4: 3, 9: 8, 14: 13}
-_MERGE_HEADS, _OUT_GEMM = 6, 7
+_MERGE_HEADS, _OUT_GEMM, _LN1, _FFN1 = 6, 7, 9, 10
 # GEMMs whose GEMM + epilogue segment Hopper runs through CUTLASS at many rows (kernels/fs_gemm_sm90.cuh).
 _HOPPER_SEGMENT_GEMMS = (7, 10, 12)
 # GEMMs that multiply by a weight matrix (the others multiply activations).
@@ -45,6 +45,7 @@ class Stage:
     rows_per_warp: int = 16  # attention: query rows per warp (32 needs a kernel of its own, one block per SM)
     warp_groups: int = 1  # attention: independent warp groups per block, each with its own item
     resident_weights: bool = False  # layer gemm: against the block's weight slice, loaded when the kernel starts
+    norm_on_load: bool = False  # resident ffn1 gemm: LayerNorm 9 applied to A's rows as they are loaded
 
     @property
     def writes(self) -> str:
@@ -127,12 +128,22 @@ def few_item_stages(segment: Segment) -> "tuple[Stage, ...] | None":
 def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     """For a segment with a layer GEMM (one with a weight matrix), the stages of a second kernel for few rows on
     sm_90: every block holds a slice of each of those weight matrices in shared memory, copied in when the kernel
-    starts, so the weight stream runs under the stages and barriers before each GEMM (one block per SM). None for
-    segments without a layer GEMM."""
+    starts, so the weight stream runs under the stages and barriers before each GEMM (one block per SM). A plain
+    LayerNorm 9 right before FFN1 becomes FFN1's prologue, one grid barrier fewer. None for segments without a
+    layer GEMM."""
     stages = stages_of(segment)
     if not any(_holds_weights(stage) for stage in stages):
         return None
-    return tuple(replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages)
+    resident: list[Stage] = []
+    for stage in stages:
+        stage = replace(stage, resident_weights=True) if _holds_weights(stage) else stage
+        # FFN1's blocks read whole rows (its K is not split), so LayerNorm 9 before it needs no stage of its own.
+        prev = resident[-1] if resident else None
+        if stage.op == _FFN1 and prev and prev.kind == "rowwise" and prev.op == _LN1 and not prev.absorb_prev:
+            resident[-1] = replace(stage, ops=prev.ops + stage.ops, norm_on_load=True)
+        else:
+            resident.append(stage)
+    return tuple(resident)
 
 
 def resident_weight_ops(stages: tuple[Stage, ...]) -> tuple[int, ...]:

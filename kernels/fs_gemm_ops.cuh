@@ -82,10 +82,11 @@ __device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader&
 
 // A layer GEMM (one with a weight matrix): against the block's resident weight slice where the segment kernel
 // holds one, else tiled.
-template <class T, class D, int OP, class Resident, class ALoader, class Epi>
+template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
 __device__ __forceinline__ void layer_gemm(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
-                                           char* smem, const SplitK& sk) {
-  if constexpr (Resident::template holds<OP>()) resident_gemm<T, D, OP, Resident>(g, A, epi, smem, sk);
+                                           char* smem, const SplitK& sk, const NormOnLoad<T>& norm = {}) {
+  static_assert(!NORM || Resident::template holds<OP>(), "a LayerNorm on load needs resident weights");
+  if constexpr (Resident::template holds<OP>()) resident_gemm<T, D, OP, Resident, NORM>(g, A, epi, smem, sk, norm);
   else gemm_dispatch<T, D, OP>(g, A, B, epi, smem, sk);
 }
 
@@ -104,7 +105,9 @@ template <class T, class D, int OP> __device__ __forceinline__ void prefetch_wei
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + i * kLine));
 }
 
-template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights>
+// NORM_ON_LOAD (FFN1 with resident weights): A is attn_res, normalised by LayerNorm 9 as it is loaded.
+template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights,
+          bool NORM_ON_LOAD = false>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
   const SplitK sk{a.splitk_partials, a.splitk_counters};
@@ -194,7 +197,13 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
         store2(fused + at, v0 + to_f(bias[col]) + to_f(residual[at]), v1 + to_f(bias[col + 1]) + to_f(residual[at + 1]));
       }
     };
-    if constexpr (OP == 7 && MERGE_PROLOGUE) {
+    static_assert(!NORM_ON_LOAD || OP == 10, "only FFN1 takes LayerNorm 9 on load");
+    if constexpr (NORM_ON_LOAD) {
+      const NormOnLoad<T> norm{static_cast<const T*>(a.ln1_w), static_cast<const T*>(a.ln1_b), static_cast<T*>(a.attn_out),
+                               a.eps};
+      layer_gemm<T, D, OP, Resident, true>(g, RowMajorA<T>{static_cast<const T*>(a.attn_res), K, 0}, B, epilogue, smem, sk,
+                                           norm);
+    } else if constexpr (OP == 7 && MERGE_PROLOGUE) {
       layer_gemm<T, D, OP, Resident>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem, sk);
     } else {
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);

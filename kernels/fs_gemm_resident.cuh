@@ -21,7 +21,18 @@ constexpr int kResidentSplitDepth = 768;  // K elements a block's slice spans at
 constexpr int kResidentMaxN8 = 4;         // 8-column groups of one GEMM a block may hold (the launch checks)
 constexpr int kResidentRowGroup = 32;     // rows per pass: two m16 tiles per warp
 constexpr int kResidentScratchStride = kResidentMaxN8 * 8 + 8;  // floats per row of a warp's sums (+8: banks)
-constexpr int kResidentScratchBytes = kWarps * kResidentRowGroup * kResidentScratchStride * 4;
+constexpr int kResidentSumsFloats = kWarps * kResidentRowGroup * kResidentScratchStride;
+constexpr int kResidentStatsFloats = kWarps * kResidentRowGroup;  // per-warp row sums of a LayerNorm on load
+constexpr int kResidentScratchBytes = (kResidentSumsFloats + 2 * kResidentStatsFloats) * 4;
+
+// A LayerNorm over A's rows, applied as the GEMM loads them (the block holds whole rows when K is not split);
+// the normalised rows are also stored, by the block holding the first column partition.
+template <class T> struct NormOnLoad {
+  const T* gamma;
+  const T* beta;
+  T* out;
+  float eps;
+};
 
 // The [N, K] weight (nn.Linear layout) of layer GEMM OP, as resident slices.
 template <class D, int OP> struct ResidentGemm {
@@ -189,8 +200,95 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
 // Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
 // {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
 // and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
-template <class T, class D, int OP, class Resident, class ALoader, class Epi>
-__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk) {
+// LayerNorm of the 32 rows whose chunks this block's warps loaded: row sums meet across the four lanes of a row
+// and then across warps in shared memory (two passes, mean then squared deviations, as the row-wise stage), and the
+// normalised values replace the loaded ones.
+template <class T, class G>
+__device__ __forceinline__ void norm_on_load(uint4 (&a_lo)[G::CHUNKS_PER_WARP][2], uint4 (&a_hi)[G::CHUNKS_PER_WARP][2],
+                                             const NormOnLoad<T>& norm, float* stats, int k0, int m0, int M,
+                                             bool store) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
+  float x[G::CHUNKS_PER_WARP][2][2][8];  // [chunk][m tile][row +0 / +8][element]
+  uint4 gamma[G::CHUNKS_PER_WARP], beta[G::CHUNKS_PER_WARP];
+#pragma unroll
+  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+    const int chunk = warp + i * kWarps, k = k0 + chunk * 32 + t * 8;
+    const bool in_k = chunk < G::CHUNKS;
+    gamma[i] = in_k ? __ldg(reinterpret_cast<const uint4*>(norm.gamma + k)) : make_uint4(0, 0, 0, 0);
+    beta[i] = in_k ? __ldg(reinterpret_cast<const uint4*>(norm.beta + k)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const Vec8<T> lo = *reinterpret_cast<const Vec8<T>*>(&a_lo[i][mi]);
+      const Vec8<T> hi = *reinterpret_cast<const Vec8<T>*>(&a_hi[i][mi]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        x[i][mi][0][e] = to_f(lo.v[e]);
+        x[i][mi][1][e] = to_f(hi.v[e]);
+      }
+    }
+  }
+  float mean[2][2], rstd[2][2];
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    float part[2][2] = {};
+#pragma unroll
+    for (int i = 0; i < G::CHUNKS_PER_WARP; ++i)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float v = pass == 0 ? x[i][mi][h][e] : x[i][mi][h][e] - mean[mi][h];
+            part[mi][h] += pass == 0 ? v : (warp + i * kWarps < G::CHUNKS ? v * v : 0.f);
+          }
+    float* table = stats + pass * kResidentStatsFloats;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float v = part[mi][h];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (t == 0) table[warp * kResidentRowGroup + mi * 16 + h * 8 + gq] = v;
+      }
+    __syncthreads();
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += table[w * kResidentRowGroup + mi * 16 + h * 8 + gq];
+        if (pass == 0) mean[mi][h] = total * (1.f / G::K);
+        else rstd[mi][h] = rsqrtf(total * (1.f / G::K) + norm.eps);
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+    const int chunk = warp + i * kWarps, k = k0 + chunk * 32 + t * 8;
+    const Vec8<T> ga = *reinterpret_cast<const Vec8<T>*>(&gamma[i]);
+    const Vec8<T> be = *reinterpret_cast<const Vec8<T>*>(&beta[i]);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        Vec8<T> o;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          o.v[e] = from_f<T>((x[i][mi][h][e] - mean[mi][h]) * rstd[mi][h] * to_f(ga.v[e]) + to_f(be.v[e]));
+        uint4& packed = h == 0 ? a_lo[i][mi] : a_hi[i][mi];
+        packed = *reinterpret_cast<const uint4*>(&o);
+        const int row = m0 + mi * 16 + h * 8 + gq;
+        if (store && chunk < G::CHUNKS && row < M) *reinterpret_cast<uint4*>(norm.out + static_cast<long long>(row) * G::K + k) = packed;
+      }
+  }
+}
+
+template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
+__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
+                              const NormOnLoad<T>& norm = {}) {
+  static_assert(!NORM || ResidentGemm<D, OP>::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
   using G = ResidentGemm<D, OP>;
   const ResidentSlice s = Resident::template slice<OP>(blockIdx.x, gridDim.x);
   if (s.part < 0) return;
@@ -216,6 +314,7 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         a_hi[i][mi] = in_k && row + 8 < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row + 8, k))) : zero;
       }
     }
+    if constexpr (NORM) norm_on_load<T, G>(a_lo, a_hi, norm, sums + kResidentSumsFloats, k0, m0, g.M, s.part == 0);
     float acc[2][kResidentMaxN8][4] = {};
 #pragma unroll
     for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
@@ -264,13 +363,17 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
 
   if constexpr (G::SPLITS > 1) {
     // The last split to arrive adds all of them, in split order, and runs the epilogue.
+    // The block barrier orders every thread's partials before thread 0's release; its acquire, and the barrier
+    // after it, make the other splits' partials visible to the whole block.
     __shared__ bool last_arrival;
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last_arrival = atomicAdd(sk.counters + s.part, 1u) == static_cast<unsigned>(G::SPLITS - 1);
+    if (threadIdx.x == 0) {
+      unsigned int before;
+      asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;\n" : "=r"(before) : "l"(sk.counters + s.part) : "memory");
+      last_arrival = before == static_cast<unsigned>(G::SPLITS - 1);
+    }
     __syncthreads();
     if (!last_arrival) return;
-    __threadfence();
     const float* first = sk.partials + static_cast<long long>(s.part * G::SPLITS) * g.M * (kResidentMaxN8 * 8);
     const long long split_stride = static_cast<long long>(g.M) * (kResidentMaxN8 * 8);
     for (int p = threadIdx.x; p < g.M * cols / 2; p += kThreads) {

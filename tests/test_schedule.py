@@ -98,3 +98,18 @@ def test_only_lone_attention_has_a_few_item_kernel_of_64_row_items_at_two_blocks
             assert replace(few[0], rows_per_warp=32) == stages_of(segment)[0]  # same operators, same fusion
     assert stages_of(Segment(2, 5, True))[0].warp_groups == 2
     assert stages_of(Segment(1, 9, True))[1].warp_groups == 1
+
+
+def test_resident_weight_stages_hold_the_layer_gemms_and_take_layernorm_9_into_ffn1():
+    from fusionsearch.schedule import resident_weight_ops, resident_weight_stages
+
+    whole = resident_weight_stages(Segment(0, 14, True))
+    assert resident_weight_ops(whole) == (0, 7, 10, 12)
+    ffn1 = next(stage for stage in whole if stage.op == 10)
+    assert ffn1.norm_on_load and ffn1.ops == (9, 10, 11)
+    assert len(whole) == len(stages_of(Segment(0, 14, True))) - 1
+    # LayerNorm 9 that absorbs the bias + residual before it keeps its own stage; no layer GEMM, no kernel.
+    absorbing = resident_weight_stages(Segment(8, 12))
+    assert not any(stage.norm_on_load for stage in absorbing) and resident_weight_ops(absorbing) == (10, 12)
+    assert resident_weight_stages(Segment(1, 6, True)) is None
+    assert blocks_per_sm(whole) == 1
