@@ -20,16 +20,13 @@ constexpr int kResidentMaxRows = 64;
 constexpr int kResidentSplitDepth = 768;  // K elements a block's slice spans at most: K = 3072 splits four ways
 constexpr int kResidentMaxN8 = 4;         // 8-column groups of one GEMM a block may hold (the launch checks)
 constexpr int kResidentRowGroup = 32;     // rows per pass: two m16 tiles per warp
-// A pass stages its rows of A in shared memory; 64 bytes of padding keep the two rows a quarter warp reads on
-// distinct banks. After the MMAs the same bytes take the warps' sums.
-constexpr int kResidentARowBytes = kResidentSplitDepth * 2 + 64;
-constexpr int kResidentABytes = kResidentRowGroup * kResidentARowBytes;
-constexpr int kResidentSumsStride = kResidentMaxN8 * 8 + 8;  // floats per row of a warp's sums (+8: banks)
-constexpr int kResidentScratchBytes = kResidentABytes;
-static_assert(kWarps * kResidentRowGroup * kResidentSumsStride * 4 <= kResidentABytes, "sums overlay the A rows");
+constexpr int kResidentScratchStride = kResidentMaxN8 * 8 + 8;  // floats per row of a warp's sums (+8: banks)
+constexpr int kResidentSumsFloats = kWarps * kResidentRowGroup * kResidentScratchStride;
+constexpr int kResidentStatsFloats = kWarps * kResidentRowGroup;  // per-warp row sums of a LayerNorm on load
+constexpr int kResidentScratchBytes = (kResidentSumsFloats + 2 * kResidentStatsFloats) * 4;
 
-// A LayerNorm over A's rows, applied once the GEMM has staged them (the block holds whole rows when K is not
-// split); the normalised rows are also stored, by the block holding the first column partition.
+// A LayerNorm over A's rows, applied as the GEMM loads them (the block holds whole rows when K is not split);
+// the normalised rows are also stored, by the block holding the first column partition.
 template <class T> struct NormOnLoad {
   const T* gamma;
   const T* beta;
@@ -46,6 +43,7 @@ template <class D, int OP> struct ResidentGemm {
   static constexpr int SPLITS = ceil_div(K, kResidentSplitDepth);
   static constexpr int KS = K / SPLITS;  // K elements of one split
   static constexpr int CHUNKS = KS / 32;
+  static constexpr int CHUNKS_PER_WARP = ceil_div(CHUNKS, kWarps);
   // Rows are stored unpadded, so a slice of the whole K is one contiguous copy. The weight fragments then meet a
   // 2-way bank conflict (a quarter warp reads 64 bytes from each of two rows), which is cheap: each is read once.
   static constexpr int ROW_BYTES = KS * 2;
@@ -115,12 +113,10 @@ struct NoResidentWeights {
 // stages' scratch (SCRATCH bytes), then one mbarrier per GEMM, then the block's weight slices.
 template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   static_assert(sizeof(T) == 2, "resident weights are 16-bit");
-  static_assert(SCRATCH >= kResidentScratchBytes, "the stage scratch must hold the resident GEMM's rows and sums");
+  static_assert(SCRATCH >= kResidentScratchBytes, "the stage scratch must hold the resident GEMM's warp sums");
   static constexpr int kSlots = sizeof...(OPS);
   static constexpr int kBarrierOffset = ceil_div(SCRATCH, 128) * 128;
-  // The block's slices, worked out once when the kernel starts (integer divisions by the grid size).
-  static constexpr int kSliceOffset = kBarrierOffset + kSlots * 8;
-  static constexpr int kWeightOffset = ceil_div(kSliceOffset + kSlots * int(sizeof(ResidentSlice)), 128) * 128;
+  static constexpr int kWeightOffset = kBarrierOffset + ceil_div(kSlots * 8, 128) * 128;
 
   template <int OP> static constexpr bool holds() { return ((OPS == OP) || ...); }
   template <int OP> static constexpr int slot() {
@@ -157,9 +153,6 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     return reinterpret_cast<uint64_t*>(smem + kBarrierOffset) + slot;
   }
   static __device__ const char* weights(const char* smem) { return smem + kWeightOffset; }
-  static __device__ ResidentSlice held(const char* smem, int slot) {
-    return reinterpret_cast<const ResidentSlice*>(smem + kSliceOffset)[slot];
-  }
 
   // Start every weight copy of this block, GEMMs in stage order; called by the whole block before its first stage.
   // A bulk copy takes its operands from uniform registers, so a warp issues them one at a time: the copies are
@@ -168,10 +161,9 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     if (threadIdx.x == 0) {
       for (int s = 0; s < kSlots; ++s) mbarrier_init(barrier(smem, s), 1);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-      int dealt = 0, offset = 0;
-      (record<OPS>(smem, dealt, offset), ...);
+      (expect<OPS>(smem), ...);
     }
-    __syncthreads();  // barriers armed and slices known before any copy can complete
+    __syncthreads();  // barriers armed before any copy can complete on them
     if (threadIdx.x % 32 == 0) (issue<OPS>(a, smem), ...);
   }
 
@@ -189,20 +181,15 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     offset += s.bytes;
     dealt += ResidentGemm<D, OP>::units(grid);
   }
-  // Thread 0: this block's slice of GEMM OP into the table, and the bytes its barrier waits for.
-  template <int OP> static __device__ void record(char* smem, int& dealt, int& offset) {
-    ResidentSlice s = resident_slice<D, OP>(blockIdx.x, gridDim.x, dealt);
-    s.offset = offset;
-    offset += s.bytes;
-    dealt += ResidentGemm<D, OP>::units(gridDim.x);
-    reinterpret_cast<ResidentSlice*>(smem + kSliceOffset)[slot<OP>()] = s;
+  template <int OP> static __device__ void expect(char* smem) {
+    const ResidentSlice s = slice<OP>(blockIdx.x, gridDim.x);
     // A block without a slice never waits on this barrier.
     if (s.part >= 0) mbarrier_expect_bytes(barrier(smem, slot<OP>()), s.n8 * 8 * ResidentGemm<D, OP>::ROW_BYTES);
   }
   // Lane 0 of each warp: its share of the copies of GEMM OP's slice (one copy, or one per row when K is split).
   template <int OP> static __device__ void issue(const LayerArgs& a, char* smem) {
     using G = ResidentGemm<D, OP>;
-    const ResidentSlice s = held(smem, slot<OP>());
+    const ResidentSlice s = slice<OP>(blockIdx.x, gridDim.x);
     if (s.part < 0) return;
     uint64_t* bar = barrier(smem, slot<OP>());
     const T* w = static_cast<const T*>(weight_of<OP>(a)) + static_cast<long long>(s.n0) * G::K + s.split * G::KS;
@@ -217,115 +204,154 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   }
 };
 
-// LayerNorm of the staged rows in place (two passes, mean then squared deviations, as the row-wise stage), one warp
-// per row; `store` also writes them out.
-template <class T, class G>
-__device__ void norm_staged_rows(char* sA, const NormOnLoad<T>& norm, int m0, int M, bool store) {
-  static_assert(G::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int r = warp; r < kResidentRowGroup && m0 + r < M; r += kWarps) {
-    T* row = reinterpret_cast<T*>(sA + r * kResidentARowBytes);
-    float sum = 0.f;
-    for (int c = lane; c < G::K / 8; c += 32) {
-      float v[8];
-      load8(row + c * 8, v);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sum += v[e];
-    }
-    const float mean = warp_sum(sum) * (1.f / G::K);
-    float sq = 0.f;
-    for (int c = lane; c < G::K / 8; c += 32) {
-      float v[8];
-      load8(row + c * 8, v);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sq += (v[e] - mean) * (v[e] - mean);
-    }
-    const float rstd = rsqrtf(warp_sum(sq) * (1.f / G::K) + norm.eps);
-    for (int c = lane; c < G::K / 8; c += 32) {
-      float v[8], g[8], b[8];
-      load8(row + c * 8, v);
-      load8(norm.gamma + c * 8, g);
-      load8(norm.beta + c * 8, b);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = (v[e] - mean) * rstd * g[e] + b[e];
-      store8(row + c * 8, v);
-      if (store) *reinterpret_cast<Vec8<T>*>(norm.out + static_cast<long long>(m0 + r) * G::K + c * 8) =
-          *reinterpret_cast<const Vec8<T>*>(row + c * 8);
-    }
-  }
-  __syncthreads();
-}
-
 // C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair.
 //
-// Rows of A are staged in shared memory 32 at a time. Each lane reads 16 bytes of a row per 32-deep chunk and
-// feeds them to two m16n8k16 MMAs as if they were k {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment
-// is read from the same 16 bytes of its row, so A and W agree on the permuted k and the product is unchanged. The
-// loops stay rolled: at a few dozen rows each stage runs once per block, and unrolled code waits on instruction
-// fetch (ncu at 1×32: 64 % of a fully unrolled FFN1 stage's samples).
-template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
-__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
-                              const NormOnLoad<T>& norm = {}) {
-  using G = ResidentGemm<D, OP>;
-  static_assert(G::KS <= kResidentSplitDepth, "a K split must fit the staged rows");
-  const ResidentSlice s = Resident::held(smem, Resident::template slot<OP>());
-  if (s.part < 0) return;
-  const char* sw = Resident::weights(smem) + s.offset;
-  char* sA = smem;
-  float* sums = reinterpret_cast<float*>(smem);
+// Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
+// {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
+// and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
+// LayerNorm of the 32 rows whose chunks this block's warps loaded: row sums meet across the four lanes of a row
+// and then across warps in shared memory (two passes, mean then squared deviations, as the row-wise stage), and the
+// normalised values replace the loaded ones.
+template <class T, class G>
+__device__ __forceinline__ void norm_on_load(uint4 (&a_lo)[G::CHUNKS_PER_WARP][2], uint4 (&a_hi)[G::CHUNKS_PER_WARP][2],
+                                             const NormOnLoad<T>& norm, float* stats, int k0, int m0, int M,
+                                             bool store) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-  const int k0 = s.split * G::KS, cols = s.n8 * 8, pairs = kResidentRowGroup * cols / 2;
-  float* partials = sk.partials + static_cast<long long>(s.part * G::SPLITS + s.split) * g.M * (kResidentMaxN8 * 8);
-  bool weights_ready = false;
-
-  for (int m0 = 0; m0 < g.M; m0 += kResidentRowGroup) {
-    // Stage the rows (zeros past M), then wait for the weights once: their copy ran under everything before.
-    for (int c = threadIdx.x; c < kResidentRowGroup * (G::KS / 8); c += kThreads) {
-      const int r = c / (G::KS / 8), k = (c % (G::KS / 8)) * 8, row = m0 + r;
-      cp_async16(sA + r * kResidentARowBytes + k * 2, A.chunk(0, row < g.M ? row : 0, k0 + k), row < g.M);
+  float x[G::CHUNKS_PER_WARP][2][2][8];  // [chunk][m tile][row +0 / +8][element]
+  uint4 gamma[G::CHUNKS_PER_WARP], beta[G::CHUNKS_PER_WARP];
+#pragma unroll
+  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+    const int chunk = warp + i * kWarps, k = k0 + chunk * 32 + t * 8;
+    const bool in_k = chunk < G::CHUNKS;
+    gamma[i] = in_k ? __ldg(reinterpret_cast<const uint4*>(norm.gamma + k)) : make_uint4(0, 0, 0, 0);
+    beta[i] = in_k ? __ldg(reinterpret_cast<const uint4*>(norm.beta + k)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const Vec8<T> lo = *reinterpret_cast<const Vec8<T>*>(&a_lo[i][mi]);
+      const Vec8<T> hi = *reinterpret_cast<const Vec8<T>*>(&a_hi[i][mi]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        x[i][mi][0][e] = to_f(lo.v[e]);
+        x[i][mi][1][e] = to_f(hi.v[e]);
+      }
     }
-    cp_async_commit();
-    if (!weights_ready) {
-      mbarrier_wait(Resident::barrier(smem, Resident::template slot<OP>()), 0);
-      weights_ready = true;
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-    if constexpr (NORM) norm_staged_rows<T, G>(sA, norm, m0, g.M, s.part == 0);
-
-    float acc[2][kResidentMaxN8][4] = {};
-#pragma unroll 1
-    for (int chunk = warp; chunk < G::CHUNKS; chunk += kWarps) {
-      uint4 a[2][2];
+  }
+  float mean[2][2], rstd[2][2];
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    float part[2][2] = {};
+#pragma unroll
+    for (int i = 0; i < G::CHUNKS_PER_WARP; ++i)
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          a[mi][h] = *reinterpret_cast<const uint4*>(sA + (mi * 16 + h * 8 + gq) * kResidentARowBytes + chunk * 64 + t * 16);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float v = pass == 0 ? x[i][mi][h][e] : x[i][mi][h][e] - mean[mi][h];
+            part[mi][h] += pass == 0 ? v : (warp + i * kWarps < G::CHUNKS ? v * v : 0.f);
+          }
+    float* table = stats + pass * kResidentStatsFloats;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float v = part[mi][h];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (t == 0) table[warp * kResidentRowGroup + mi * 16 + h * 8 + gq] = v;
+      }
+    __syncthreads();
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += table[w * kResidentRowGroup + mi * 16 + h * 8 + gq];
+        if (pass == 0) mean[mi][h] = total * (1.f / G::K);
+        else rstd[mi][h] = rsqrtf(total * (1.f / G::K) + norm.eps);
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+    const int chunk = warp + i * kWarps, k = k0 + chunk * 32 + t * 8;
+    const Vec8<T> ga = *reinterpret_cast<const Vec8<T>*>(&gamma[i]);
+    const Vec8<T> be = *reinterpret_cast<const Vec8<T>*>(&beta[i]);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        Vec8<T> o;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          o.v[e] = from_f<T>((x[i][mi][h][e] - mean[mi][h]) * rstd[mi][h] * to_f(ga.v[e]) + to_f(be.v[e]));
+        uint4& packed = h == 0 ? a_lo[i][mi] : a_hi[i][mi];
+        packed = *reinterpret_cast<const uint4*>(&o);
+        const int row = m0 + mi * 16 + h * 8 + gq;
+        if (store && chunk < G::CHUNKS && row < M) *reinterpret_cast<uint4*>(norm.out + static_cast<long long>(row) * G::K + k) = packed;
+      }
+  }
+}
+
+template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
+__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
+                              const NormOnLoad<T>& norm = {}) {
+  static_assert(!NORM || ResidentGemm<D, OP>::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
+  using G = ResidentGemm<D, OP>;
+  const ResidentSlice s = Resident::template slice<OP>(blockIdx.x, gridDim.x);
+  if (s.part < 0) return;
+  mbarrier_wait(Resident::barrier(smem, Resident::template slot<OP>()), 0);
+  const char* sw = Resident::weights(smem) + s.offset;
+  float* sums = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
+  const int k0 = s.split * G::KS, cols = s.n8 * 8, pairs = kResidentRowGroup * cols / 2;
+  float* partials = sk.partials + static_cast<long long>(s.part * G::SPLITS + s.split) * g.M * (kResidentMaxN8 * 8);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+
+  for (int m0 = 0; m0 < g.M; m0 += kResidentRowGroup) {
+    uint4 a_lo[G::CHUNKS_PER_WARP][2], a_hi[G::CHUNKS_PER_WARP][2];
+#pragma unroll
+    for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+      const int chunk = warp + i * kWarps;
+      const int k = k0 + chunk * 32 + t * 8;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int row = m0 + mi * 16 + gq;
+        const bool in_k = chunk < G::CHUNKS;
+        a_lo[i][mi] = in_k && row < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row, k))) : zero;
+        a_hi[i][mi] = in_k && row + 8 < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row + 8, k))) : zero;
+      }
+    }
+    if constexpr (NORM) norm_on_load<T, G>(a_lo, a_hi, norm, sums + kResidentSumsFloats, k0, m0, g.M, s.part == 0);
+    float acc[2][kResidentMaxN8][4] = {};
+#pragma unroll
+    for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
+      const int chunk = warp + i * kWarps;
+      if (chunk >= G::CHUNKS) continue;
 #pragma unroll
       for (int ni = 0; ni < kResidentMaxN8; ++ni) {
-        if (ni >= s.n8) break;
+        if (ni >= s.n8) continue;
         const uint4 b = *reinterpret_cast<const uint4*>(sw + (ni * 8 + gq) * G::ROW_BYTES + chunk * 64 + t * 16);
         const uint32_t b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
-          const uint32_t a_first[4] = {a[mi][0].x, a[mi][1].x, a[mi][0].y, a[mi][1].y};
-          const uint32_t a_second[4] = {a[mi][0].z, a[mi][1].z, a[mi][0].w, a[mi][1].w};
+          const uint32_t a_first[4] = {a_lo[i][mi].x, a_hi[i][mi].x, a_lo[i][mi].y, a_hi[i][mi].y};
+          const uint32_t a_second[4] = {a_lo[i][mi].z, a_hi[i][mi].z, a_lo[i][mi].w, a_hi[i][mi].w};
           mma16816<T>(acc[mi][ni], a_first, b_first);
           mma16816<T>(acc[mi][ni], a_second, b_second);
         }
       }
     }
-    __syncthreads();  // the sums overlay the staged rows
     // Each warp's sums to shared memory, then every output pair adds them up in warp order.
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int ni = 0; ni < kResidentMaxN8; ++ni) {
-        if (ni >= s.n8) break;
-        float* row = sums + (warp * kResidentRowGroup + mi * 16 + gq) * kResidentSumsStride + ni * 8 + t * 2;
+        if (ni >= s.n8) continue;
+        float* row = sums + (warp * kResidentRowGroup + mi * 16 + gq) * kResidentScratchStride + ni * 8 + t * 2;
         *reinterpret_cast<float2*>(row) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
-        *reinterpret_cast<float2*>(row + 8 * kResidentSumsStride) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+        *reinterpret_cast<float2*>(row + 8 * kResidentScratchStride) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
       }
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += kThreads) {
@@ -334,14 +360,14 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
       float v0 = 0.f, v1 = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
-        const float2 x = *reinterpret_cast<const float2*>(sums + (w * kResidentRowGroup + r) * kResidentSumsStride + c);
+        const float2 x = *reinterpret_cast<const float2*>(sums + (w * kResidentRowGroup + r) * kResidentScratchStride + c);
         v0 += x.x;
         v1 += x.y;
       }
       if constexpr (G::SPLITS == 1) epi(0, row, s.n0 + c, v0, v1);
       else __stcg(reinterpret_cast<float2*>(partials + row * (kResidentMaxN8 * 8) + c), make_float2(v0, v1));
     }
-    __syncthreads();  // the next row group reuses the shared memory
+    __syncthreads();  // the next row group reuses the sums
   }
 
   if constexpr (G::SPLITS > 1) {
