@@ -1,0 +1,65 @@
+"""Where a kernel's warps wait, from an ncu source export: stall samples by reason, by phase, and the top instructions.
+
+    ncu -k regex:NAME -c 1 --section WarpStateStats --section SourceCounters -o report python ...
+    ncu --import report.ncu-rep --page source --csv --print-source sass > sass.csv
+    python experiments/ncu_stalls.py sass.csv [--top 15]
+
+Phases are cut at the grid barriers of a persistent segment kernel (the `ATOM...STRONG.GPU` of each barrier arrival)
+and at the weight waits of resident-weight kernels (`SYNCS.PHASECHK`), in address order, which follows the stages.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import Counter
+
+SAMPLES = "Warp Stall Sampling (All Samples)"
+PHASE_MARKS = ("ATOM.E.ADD.STRONG.GPU", "SYNCS.PHASECHK")
+
+
+def read(path: str) -> tuple[list[str], list[list[str]]]:
+    rows = list(csv.reader(open(path, newline="")))
+    header = next(i for i, row in enumerate(rows) if "Source" in row and SAMPLES in row)
+    return rows[header], [row for row in rows[header + 1:] if len(row) == len(rows[header])]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    header, rows = read(args.csv)
+    src, samples = header.index("Source"), header.index(SAMPLES)
+    reasons = [i for i, name in enumerate(header) if name.startswith("stall_") and "Not Issued" not in name]
+    value = lambda row, i: float(row[i] or 0)  # noqa: E731
+    total = sum(value(row, samples) for row in rows)
+    by_reason = Counter()
+    for row in rows:
+        for i in reasons:
+            by_reason[header[i]] += value(row, i)
+    print(f"{len(rows)} instructions, {total:.0f} samples")
+    print("by reason: " + ", ".join(f"{name[6:]} {count / total:.0%}" for name, count in by_reason.most_common(6)))
+
+    print("\nphase (ends at)                                          samples  share  top reason")
+    phase, start = Counter(), None
+    for row in rows:
+        start = start or row[0]
+        for i in reasons:
+            phase[header[i]] += value(row, i)
+        if any(mark in row[src] for mark in PHASE_MARKS) or row is rows[-1]:
+            count = sum(phase.values())
+            if count:
+                reason, top = phase.most_common(1)[0]
+                print(f"{row[0][-6:]} {row[src].strip()[:48]:48s} {count:7.0f} {count / total:6.1%}  "
+                      f"{reason[6:]} {top / count:.0%}")
+            phase, start = Counter(), None
+
+    print(f"\ntop {args.top} instructions")
+    for row in sorted(rows, key=lambda r: -value(r, samples))[:args.top]:
+        reason = max(reasons, key=lambda i: value(row, i))
+        print(f"{row[0][-6:]} {value(row, samples) / total:5.1%}  {row[src].strip()[:60]:60s} {header[reason][6:]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""experiments/ncu_stalls.py on a small ncu source export: totals by reason, phases cut at barriers, top lines."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("ncu_stalls", ROOT / "experiments" / "ncu_stalls.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _export(path: Path) -> None:
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_barrier", "stall_no_inst",
+              "stall_barrier (Not Issued)"]
+    rows = [("0x10", "LDG.E.128 R4, desc[UR4][R2.64]", 10, 0, 10, 0),
+            ("0x20", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x100], R8", 0, 0, 0, 0),
+            ("0x30", "HMMA.16816.F32 R8, R12, R16, R8", 30, 0, 30, 0),
+            ("0x40", "@P0 ATOM.E.ADD.STRONG.GPU PT, R7, desc[UR8][R4.64+0x4], R7", 0, 0, 0, 0),
+            ("0x50", "LDC.64 R16, c[0x0][0x210]", 60, 60, 0, 7)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Kernel Name", "fs_seg_00_14_fa_fp16_sm90_0_resident"])
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_phases_are_cut_at_weight_waits_and_barriers(tmp_path, capsys, monkeypatch):
+    export = tmp_path / "sass.csv"
+    _export(export)
+    monkeypatch.setattr("sys.argv", ["ncu_stalls.py", str(export), "--top", "2"])
+    assert _load().main() == 0
+    out = capsys.readouterr().out
+    assert "5 instructions, 100 samples" in out
+    assert "by reason: barrier 60%, no_inst 40%" in out
+    phases = [line.split()[-3:] for line in out.split("phase (ends at)")[1].split("top 2")[0].strip().splitlines()[1:]]
+    assert phases == [["10.0%", "no_inst", "100%"], ["30.0%", "no_inst", "100%"], ["60.0%", "barrier", "100%"]]
+    top = out.split("top 2 instructions")[1].strip().splitlines()
+    assert top[0].startswith("0x50 60.0%") and top[0].endswith("barrier") and "HMMA" in top[1]
