@@ -162,8 +162,11 @@ def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path)
     source = tmp_path / unit.filename
     source.write_text(unit.source)
     cubin = tmp_path / "unit.cubin"
-    result = subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
-                             "-diag-suppress=177", "--keep", f"--keep-dir={tmp_path}",
+    # The flags of the real build: ours, and those torch's cpp_extension adds to every CUDA unit.
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    from fusionsearch.build import NVCC_FLAGS
+    result = subprocess.run(["nvcc", *NVCC_FLAGS, *COMMON_NVCC_FLAGS, "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
+                             "--keep", f"--keep-dir={tmp_path}",
                              f"-I{kernels_dir()}", *(f"-I{d}" for d in cutlass_include_dirs()), str(source), "-o",
                              str(cubin)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
