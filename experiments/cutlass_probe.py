@@ -50,6 +50,14 @@ CONFIGS = {
     "pp_128x128_c2x1": ((128, 128, 64), (2, 1), "Pingpong", "PersistentScheduler"),
     "pp_64x256_c2x1": ((64, 256, 64), (2, 1), "Pingpong", "PersistentScheduler"),
     "pp_64x128_c1x1": ((64, 128, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+    # Tiles sized for one wave of 132 SMs at 1024-2048 rows (N = 3072: 192 columns; N = 768: 96 columns).
+    "coop_128x192_c1x1": ((128, 192, 64), (1, 1), "Cooperative", "PersistentScheduler"),
+    "coop_128x192_c2x1": ((128, 192, 64), (2, 1), "Cooperative", "PersistentScheduler"),
+    "pp_64x192_c1x1": ((64, 192, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+    "coop_128x96_c1x1": ((128, 96, 64), (1, 1), "Cooperative", "PersistentScheduler"),
+    "pp_64x96_c1x1": ((64, 96, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+    "coop_128x96_c1x1_sk": ((128, 96, 64), (1, 1), "Cooperative", "StreamKScheduler"),
+    "coop_128x128_c1x1_sk": ((128, 128, 64), (1, 1), "Cooperative", "StreamKScheduler"),
 }
 # (raster, swizzle): raster 1 = along M, 2 = along N (probe::Options)
 OPTIONS = [(r, s) for r in (1, 2) for s in (1, 2, 4, 8)]
@@ -195,20 +203,20 @@ def summary_line(row: dict) -> str:
 
 
 # What the layer's Hopper segments run (kernels/fs_gemm_sm90.cuh, from MIN_ROWS rows on): GEMM → (epilogue,
-# configuration from MANY_ROWS rows on, configuration below that).
-MIN_ROWS, MANY_ROWS = 2048, 4096
-SEGMENT_CONFIGS = {"attn_out": ("bias_residual", "pp_128x128_c1x1", "coop_128x256_c2x1"),
-                   "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1", "coop_128x128_c2x1"),
-                   "ffn2": ("bias_residual", "pp_128x128_c1x1", "pp_128x128_c1x1")}
+# configuration from MANY_ROWS rows on, from FEW_ROWS rows on, below FEW_ROWS).
+MIN_ROWS, FEW_ROWS, MANY_ROWS = 1024, 2048, 4096
+SEGMENT_CONFIGS = {"attn_out": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1"),
+                   "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1", "coop_128x192_c2x1", "coop_128x192_c2x1"),
+                   "ffn2": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1")}
 
 
 def segment_config(gemm: str, rows: int) -> tuple[str | None, str | None]:
     """(epilogue, configuration) the layer's segment runs for this GEMM at this many rows; (None, None) where it
     runs none (too few rows: the generated kernel serves them)."""
-    epilogue, many, few = SEGMENT_CONFIGS.get(gemm, (None, None, None))
+    epilogue, many, few, fewer = SEGMENT_CONFIGS.get(gemm, (None, None, None, None))
     if rows < MIN_ROWS:
         return None, None
-    return epilogue, many if rows >= MANY_ROWS else few
+    return epilogue, many if rows >= MANY_ROWS else few if rows >= FEW_ROWS else fewer
 
 
 def _cell(stats: dict) -> str:

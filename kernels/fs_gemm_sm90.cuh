@@ -159,20 +159,25 @@ Outcome launch(const Problem& p, Options options, void* workspace, cudaStream_t 
 // --- The layer's GEMM + epilogue segments (operators 7–8, 10–11, 12–13) ---
 
 // From this many rows on, the segment runs here; below it, fs_gemm.cuh's split-K tiles keep more SMs busy.
-constexpr int kMinRows = 2048;
+constexpr int kMinRows = 1024;
 
-// The configuration per GEMM + epilogue, from experiments/cutlass_probe.py (H100,
-// experiments/results/cutlass-probe-h100.md). From kManyRows on, the fastest at 4096–32768 rows: 128×256
-// cooperative tiles on a 2×1 cluster for FFN1 + GELU, 128×128 pingpong tiles for the two N = hidden GEMMs + bias +
-// residual. Below it, the fastest at 2048 rows: 128×128 tiles for FFN1 + GELU (128×256 ones leave too few tiles
-// for 132 SMs), and cooperative 128×256 tiles for the attention output (pingpong was 20 % slower there).
+// The configuration per GEMM + epilogue and row range, from experiments/cutlass_probe.py (H100,
+// experiments/results/cutlass-probe-h100.md):
+// - from kManyRows on, the fastest at 4096–32768 rows: 128×256 cooperative tiles on a 2×1 cluster for FFN1 +
+//   GELU, 128×128 pingpong tiles for the two N = hidden GEMMs + bias + residual;
+// - below kManyRows, tiles sized so that 1024–2048 rows make about one wave of 132 SMs: 128×192 cooperative tiles
+//   on a 2×1 cluster for FFN1 + GELU (128 tiles at 1024 rows), and for the N = hidden GEMMs 128×96 cooperative
+//   tiles from kFewRows (128 tiles at 2048 rows) or 64×96 pingpong tiles below it (two per SM at 1024 rows).
+constexpr int kFewRows = 2048;
 constexpr int kManyRows = 4096;
 template <int OP> using SegmentConfig = std::conditional_t<
     OP == 10, Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Cooperative>,
     Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>>;
 template <int OP> using FewRowSegmentConfig = std::conditional_t<
-    OP == 10, Config<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Cooperative>,
-    std::conditional_t<OP == 7, Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Cooperative>, SegmentConfig<OP>>>;
+    OP == 10, Config<Shape<_128, _192, _64>, Shape<_2, _1, _1>, Cooperative>,
+    Config<Shape<_128, _96, _64>, Shape<_1, _1, _1>, Cooperative>>;
+template <int OP> using FewerRowSegmentConfig = std::conditional_t<
+    OP == 10, FewRowSegmentConfig<OP>, Config<Shape<_64, _96, _64>, Shape<_1, _1, _1>, Pingpong>>;
 
 __host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
 
@@ -222,10 +227,11 @@ template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a,
                   OP == 7 ? a.b_o : OP == 10 ? a.b_ffn1 : a.b_ffn2,
                   OP == 7 ? a.x : OP == 10 ? nullptr : a.attn_out,
                   OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res};
-  if constexpr (!std::is_same_v<FewRowSegmentConfig<OP>, SegmentConfig<OP>>) {
-    if (p.M < kManyRows) return launch_segment_gemm<E, FewRowSegmentConfig<OP>, FusionOp>(p, stream);
+  if (p.M >= kManyRows) return launch_segment_gemm<E, SegmentConfig<OP>, FusionOp>(p, stream);
+  if constexpr (!std::is_same_v<FewerRowSegmentConfig<OP>, FewRowSegmentConfig<OP>>) {
+    if (p.M < kFewRows) return launch_segment_gemm<E, FewerRowSegmentConfig<OP>, FusionOp>(p, stream);
   }
-  return launch_segment_gemm<E, SegmentConfig<OP>, FusionOp>(p, stream);
+  return launch_segment_gemm<E, FewRowSegmentConfig<OP>, FusionOp>(p, stream);
 }
 
 }  // namespace fs::sm90

@@ -56,16 +56,22 @@ def test_committed_probe_runs_render_both_tables():
     assert "| ffn2 | 32768×768×3072 | bias_residual |" in text
     segment_table = text[text.index("The configurations the segments use"):]
     rows = [line.split(" | ") for line in segment_table.splitlines() if line.startswith(("| attn_out |", "| ffn2 |"))]
-    assert len(rows) == 6  # attention output and FFN2 at three row counts
+    assert len(rows) == 4  # 8192 and 32768 rows; run A did not build the configurations 2048 rows run now
     for gemm, m, epilogue, config, *_ in rows:
         assert (epilogue, config) == probe.segment_config(gemm[2:], int(m))
-    assert probe.segment_config("attn_out", 2048)[1] == "coop_128x256_c2x1"  # below 4096 rows
+    assert probe.segment_config("attn_out", 1024) == ("bias_residual", "pp_64x96_c1x1")
+    assert probe.segment_config("attn_out", 2048)[1] == "coop_128x96_c1x1"  # from 2048 to 4095 rows
     assert probe.segment_config("attn_out", 8192)[1] == "pp_128x128_c1x1"
-    assert probe.segment_config("ffn1", 1024) == (None, None)  # the generated kernel runs below 2048 rows
+    assert probe.segment_config("ffn1", 1024) == ("bias_gelu_fast", "coop_128x192_c2x1")
+    assert probe.segment_config("ffn1", 1023) == (None, None)  # the generated kernel runs below 1024 rows
 
 
-def test_the_switch_rows_run_renders_only_rows_the_segments_serve():
+def test_the_switch_rows_runs_render_only_rows_the_segments_serve_with_their_configurations():
     probe = _probe_script()
-    result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-1024-4096-h100.json").read_text())
+    result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-1024-2048-h100.json").read_text())
     segment_table = probe.markdown(result).split("The configurations the segments use")[1]
-    assert "| 4096 |" in segment_table and "| 1024 |" not in segment_table
+    rows = [line.split(" | ") for line in segment_table.splitlines() if line.startswith("| ") and "---" not in line]
+    served = sorted((gemm[2:], int(m)) for gemm, m, *_ in rows[1:])
+    assert served == sorted((g, m) for g in ("attn_out", "ffn1", "ffn2") for m in (1024, 2048))
+    for gemm, m, epilogue, config, *_ in rows[1:]:
+        assert (epilogue, config) == probe.segment_config(gemm[2:], int(m))
