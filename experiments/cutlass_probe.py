@@ -58,6 +58,10 @@ CONFIGS = {
     "pp_64x96_c1x1": ((64, 96, 64), (1, 1), "Pingpong", "PersistentScheduler"),
     "coop_128x96_c1x1_sk": ((128, 96, 64), (1, 1), "Cooperative", "StreamKScheduler"),
     "coop_128x128_c1x1_sk": ((128, 128, 64), (1, 1), "Cooperative", "StreamKScheduler"),
+    # Few rows (32-128): narrow tiles, or stream-K, spread the weight stream over the SMs.
+    "pp_64x48_c1x1": ((64, 48, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+    "pp_64x64_c1x1": ((64, 64, 64), (1, 1), "Pingpong", "PersistentScheduler"),
+    "coop_128x64_c1x1_sk": ((128, 64, 64), (1, 1), "Cooperative", "StreamKScheduler"),
 }
 # (raster, swizzle): raster 1 = along M, 2 = along N (probe::Options)
 OPTIONS = [(r, s) for r in (1, 2) for s in (1, 2, 4, 8)]

@@ -75,3 +75,11 @@ def test_the_switch_rows_runs_render_only_rows_the_segments_serve_with_their_con
     assert served == sorted((g, m) for g in ("attn_out", "ffn1", "ffn2") for m in (1024, 2048))
     for gemm, m, epilogue, config, *_ in rows[1:]:
         assert (epilogue, config) == probe.segment_config(gemm[2:], int(m))
+
+
+def test_the_few_rows_run_renders_every_gemm_and_no_segment_rows():
+    probe = _probe_script()
+    result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-32-128-h100.json").read_text())
+    tables = probe.markdown(result).split("The configurations the segments use")
+    assert tables[0].count("| plain |") == 8  # four GEMMs at 32 and 128 rows
+    assert "| attn_out |" not in tables[1]  # up to 1023 rows the segments run their own kernels
