@@ -102,21 +102,16 @@ def nvdisasm() -> str:
 
 def compile_segment(spec: str, attention: bool, dtype: str, folder: Path) -> Path:
     """The segment (first-last operator) rendered for sm_90a and compiled to a cubin with the build's flags."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
-    from fusionsearch.build import NVCC_FLAGS
+    from fusionsearch.build import unit_cubin_command
     from fusionsearch.codegen import render_segment
     from fusionsearch.config import LayerConfig
     from fusionsearch.plan import Segment
-    from fusionsearch.resources import cutlass_include_dirs, kernels_dir
 
     first, _, last = spec.partition("-")
     unit = render_segment(Segment(int(first), int(last or first), attention), LayerConfig(dtype=dtype), "90a")
     source, cubin = folder / unit.filename, folder / "unit.cubin"
     source.write_text(unit.source)
-    result = subprocess.run(["nvcc", *NVCC_FLAGS, *COMMON_NVCC_FLAGS, "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
-                             f"-I{kernels_dir()}", *(f"-I{d}" for d in cutlass_include_dirs()), str(source),
-                             "-o", str(cubin)], capture_output=True, text=True)
+    result = subprocess.run(unit_cubin_command(source, cubin), capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"sass_phases: nvcc failed on {unit.filename}:\n{result.stderr[-3000:]}")
     return cubin

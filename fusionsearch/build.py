@@ -201,6 +201,15 @@ def include_dirs(spec: LibrarySpec) -> list[str]:
     return dirs
 
 
+def unit_cubin_command(source: Path, cubin: Path, arch: str = "90a") -> list[str]:
+    """The nvcc command that compiles one generated unit alone to a cubin with the library build's flags: ours and
+    those torch's cpp_extension adds to every CUDA unit. For checks and code inspection without a library build."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return ["nvcc", *NVCC_FLAGS, *COMMON_NVCC_FLAGS, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            f"-I{kernels_dir()}", *(f"-I{d}" for d in cutlass_include_dirs()), str(source), "-o", str(cubin)]
+
+
 def load_library(spec: LibrarySpec):
     """Compile (if needed) and import the library's extension module; cached per process."""
     if spec.key in _LOADED:

@@ -10,7 +10,7 @@ import pytest
 from fusionsearch.codegen import environment, render_binding, render_segment
 from fusionsearch.config import LayerConfig
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.resources import cutlass_include_dirs, kernels_dir
+from fusionsearch.resources import kernels_dir
 from fusionsearch.schedule import (few_item_stages, hopper_gemm, resident_weight_stages, stages_of,
                                    uses_library_gemm)
 
@@ -162,13 +162,9 @@ def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path)
     source = tmp_path / unit.filename
     source.write_text(unit.source)
     cubin = tmp_path / "unit.cubin"
-    # The flags of the real build: ours, and those torch's cpp_extension adds to every CUDA unit.
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-    from fusionsearch.build import NVCC_FLAGS
-    result = subprocess.run(["nvcc", *NVCC_FLAGS, *COMMON_NVCC_FLAGS, "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
-                             "--keep", f"--keep-dir={tmp_path}",
-                             f"-I{kernels_dir()}", *(f"-I{d}" for d in cutlass_include_dirs()), str(source), "-o",
-                             str(cubin)], capture_output=True, text=True)
+    from fusionsearch.build import unit_cubin_command  # the flags of the real build
+    result = subprocess.run([*unit_cubin_command(source, cubin), "--keep", f"--keep-dir={tmp_path}"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert cubin.stat().st_size > 0
     # The GPU suite checks SASS for HMMA; here the kept PTX shows the tensor-core instruction was emitted.
