@@ -207,20 +207,22 @@ def summary_line(row: dict) -> str:
 
 
 # What the layer's Hopper segments run (kernels/fs_gemm_sm90.cuh, from MIN_ROWS rows on): GEMM → (epilogue,
-# configuration from MANY_ROWS rows on, from FEW_ROWS rows on, below FEW_ROWS).
-MIN_ROWS, FEW_ROWS, MANY_ROWS = 1024, 2048, 4096
-SEGMENT_CONFIGS = {"attn_out": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1"),
-                   "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1", "coop_128x192_c2x1", "coop_128x192_c2x1"),
-                   "ffn2": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1")}
+# configuration from MANY_ROWS rows on, from FEW_ROWS rows on, from SOME_ROWS rows on, below SOME_ROWS).
+MIN_ROWS, SOME_ROWS, FEW_ROWS, MANY_ROWS = 65, 1024, 2048, 4096
+SEGMENT_CONFIGS = {
+    "attn_out": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1", "pp_64x64_c1x1"),
+    "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1", "coop_128x192_c2x1", "coop_128x192_c2x1", "pp_64x64_c1x1"),
+    "ffn2": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1", "pp_64x64_c1x1")}
 
 
 def segment_config(gemm: str, rows: int) -> tuple[str | None, str | None]:
     """(epilogue, configuration) the layer's segment runs for this GEMM at this many rows; (None, None) where it
-    runs none (too few rows: the generated kernel serves them)."""
-    epilogue, many, few, fewer = SEGMENT_CONFIGS.get(gemm, (None, None, None, None))
-    if rows < MIN_ROWS:
+    runs none (too few rows: the resident-weight kernel serves them)."""
+    if gemm not in SEGMENT_CONFIGS or rows < MIN_ROWS:
         return None, None
-    return epilogue, many if rows >= MANY_ROWS else few if rows >= FEW_ROWS else fewer
+    epilogue, *configs = SEGMENT_CONFIGS[gemm]
+    tier = 0 if rows >= MANY_ROWS else 1 if rows >= FEW_ROWS else 2 if rows >= SOME_ROWS else 3
+    return epilogue, configs[tier]
 
 
 def _cell(stats: dict) -> str:

@@ -9,8 +9,8 @@
 //     SM (the shape every multi-stage segment kernel needs).
 //   * 32 rows, 2 groups of 4 warps: every K and V fragment read from shared memory feeds two MMAs instead of one,
 //     for 255 registers (one block per SM). 2–4 % faster than 16 rows where there are items enough for every SM.
-//   * 16 rows, 2 groups of 4 warps: 64-row items at two blocks per SM, for batches too small to give every SM a
-//     block of the 32-row kernel.
+//   * 16 rows, 2 groups of 4 warps: 64-row items at two blocks per SM, launched where the 32-row kernel's blocks
+//     would fill at most half the SMs.
 //
 // With FROM_QKV the stage also absorbs operator 1: it reads Q, K and V straight from the QKV GEMM's [M, 3H] rows
 // and applies the bias itself, so the split layout is never written. Only the Q and V biases matter: the K bias

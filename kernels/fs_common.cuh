@@ -156,5 +156,6 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 __device__ __forceinline__ void grid_barrier() { cooperative_groups::this_grid().sync(); }
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int max_of(int a, int b) { return a > b ? a : b; }
 
 }  // namespace fs

@@ -60,7 +60,6 @@ template <class T, class D, int OP> __host__ __device__ inline int gemm_op_work(
   if (skinny_tiles<T, D, OP>(g)) return SkinnyTile<T>::work(g);
   return GemmTileOf<T, D, OP>::work(g);
 }
-__host__ __device__ constexpr int max_of(int a, int b) { return a > b ? a : b; }
 template <class T, class D, int OP> constexpr int gemm_op_smem() {
   return is_attention_gemm(OP) ? GemmTileOf<T, D, OP>::SMEM_BYTES
                                : max_of(max_of(LinearTile<T>::SMEM_BYTES, WideTile<T>::SMEM_BYTES),
@@ -94,11 +93,10 @@ __device__ __forceinline__ void layer_gemm(const GemmShape& g, const ALoader& A,
 // few rows the layer is bound by streaming 14 MB of weights, and the stages before a GEMM (its predecessors'
 // GEMMs, attention, LayerNorm, grid barriers) would otherwise leave that stream idle.
 template <class T, class D, int OP> __device__ __forceinline__ void prefetch_weights_l2(const LayerArgs& a) {
-  static_assert(OP == 0 || OP == 7 || OP == 10 || OP == 12, "only the layer GEMMs have weights");
+  using W = ResidentGemm<D, OP>;  // the weight's [N, K] shape
   constexpr long long kLine = 128;
-  constexpr long long rows = OP == 0 ? 3 * D::hidden : OP == 10 ? D::ffn : D::hidden;
-  constexpr long long cols = OP == 12 ? D::ffn : D::hidden;
-  constexpr long long lines = (rows * cols * static_cast<long long>(sizeof(T)) + kLine - 1) / kLine;
+  constexpr long long bytes = static_cast<long long>(W::N) * W::K * static_cast<long long>(sizeof(T));
+  constexpr long long lines = (bytes + kLine - 1) / kLine;
   const char* base = static_cast<const char*>(OP == 0 ? a.w_qkv : OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2);
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < lines; i += stride)

@@ -64,7 +64,7 @@ struct ResidentSlice {
   int n0 = 0;     // first column
   int n8 = 0;     // 8-column groups
   int offset = 0; // bytes from the start of the block's weight region
-  int bytes = 0;  // shared-memory bytes of the slice (padded rows)
+  int bytes = 0;  // shared-memory bytes of the slice (rows unpadded)
 };
 
 // Units are dealt round-robin over the grid, each GEMM continuing where the previous one stopped, so every block
@@ -110,13 +110,16 @@ struct NoResidentWeights {
 };
 
 // The resident weights of one segment kernel: GEMM operators OPS in stage order. Dynamic shared memory holds the
-// stages' scratch (SCRATCH bytes), then one mbarrier per GEMM, then the block's weight slices.
+// stages' scratch (SCRATCH bytes), then one mbarrier per GEMM, the table of the block's slices, then the slices.
 template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   static_assert(sizeof(T) == 2, "resident weights are 16-bit");
   static_assert(SCRATCH >= kResidentScratchBytes, "the stage scratch must hold the resident GEMM's warp sums");
   static constexpr int kSlots = sizeof...(OPS);
   static constexpr int kBarrierOffset = ceil_div(SCRATCH, 128) * 128;
-  static constexpr int kWeightOffset = kBarrierOffset + ceil_div(kSlots * 8, 128) * 128;
+  // The block's slices, worked out once when the kernel starts: each takes integer divisions by the grid size.
+  static constexpr int kSliceOffset = kBarrierOffset + kSlots * 8;
+  static constexpr int kTableBytes = kSlots * static_cast<int>(sizeof(ResidentSlice));
+  static constexpr int kWeightOffset = ceil_div(kSliceOffset + kTableBytes, 128) * 128;
 
   template <int OP> static constexpr bool holds() { return ((OPS == OP) || ...); }
   template <int OP> static constexpr int slot() {
@@ -141,7 +144,7 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   static int smem_bytes(int grid) {
     if (!(ResidentGemm<D, OPS>::fits(grid) && ...)) return 0;
     int most = 0;
-    for (int block = 0; block < grid; ++block) most = max_bytes(most, weight_bytes(block, grid));
+    for (int block = 0; block < grid; ++block) most = max_of(most, weight_bytes(block, grid));
     return kWeightOffset + most;
   }
   // Bulk copies need 16-byte aligned sources.
@@ -153,6 +156,10 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     return reinterpret_cast<uint64_t*>(smem + kBarrierOffset) + slot;
   }
   static __device__ const char* weights(const char* smem) { return smem + kWeightOffset; }
+  // This block's slice of GEMM OP, from the table start() wrote.
+  template <int OP> static __device__ ResidentSlice held(const char* smem) {
+    return reinterpret_cast<const ResidentSlice*>(smem + kSliceOffset)[slot<OP>()];
+  }
 
   // Start every weight copy of this block, GEMMs in stage order; called by the whole block before its first stage.
   // A bulk copy takes its operands from uniform registers, so a warp issues them one at a time: the copies are
@@ -161,14 +168,14 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     if (threadIdx.x == 0) {
       for (int s = 0; s < kSlots; ++s) mbarrier_init(barrier(smem, s), 1);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-      (expect<OPS>(smem), ...);
+      int dealt = 0, offset = 0;
+      (record<OPS>(smem, dealt, offset), ...);
     }
-    __syncthreads();  // barriers armed before any copy can complete on them
+    __syncthreads();  // barriers armed and slices known before any copy can complete
     if (threadIdx.x % 32 == 0) (issue<OPS>(a, smem), ...);
   }
 
  private:
-  static __host__ __device__ int max_bytes(int x, int y) { return x > y ? x : y; }
   static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
   template <int OP> static __host__ __device__ const void* weight_of(const LayerArgs& a) {
     return OP == 0 ? a.w_qkv : OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2;
@@ -181,15 +188,17 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     offset += s.bytes;
     dealt += ResidentGemm<D, OP>::units(grid);
   }
-  template <int OP> static __device__ void expect(char* smem) {
-    const ResidentSlice s = slice<OP>(blockIdx.x, gridDim.x);
+  // Thread 0: this block's slice of GEMM OP into the table, and the bytes its barrier waits for.
+  template <int OP> static __device__ void record(char* smem, int& dealt, int& offset) {
+    ResidentSlice& s = reinterpret_cast<ResidentSlice*>(smem + kSliceOffset)[slot<OP>()];
+    visit<OP>(blockIdx.x, gridDim.x, OP, dealt, offset, s);
     // A block without a slice never waits on this barrier.
     if (s.part >= 0) mbarrier_expect_bytes(barrier(smem, slot<OP>()), s.n8 * 8 * ResidentGemm<D, OP>::ROW_BYTES);
   }
   // Lane 0 of each warp: its share of the copies of GEMM OP's slice (one copy, or one per row when K is split).
   template <int OP> static __device__ void issue(const LayerArgs& a, char* smem) {
     using G = ResidentGemm<D, OP>;
-    const ResidentSlice s = slice<OP>(blockIdx.x, gridDim.x);
+    const ResidentSlice s = held<OP>(smem);
     if (s.part < 0) return;
     uint64_t* bar = barrier(smem, slot<OP>());
     const T* w = static_cast<const T*>(weight_of<OP>(a)) + static_cast<long long>(s.n0) * G::K + s.split * G::KS;
@@ -204,11 +213,6 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   }
 };
 
-// C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair.
-//
-// Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
-// {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
-// and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
 // LayerNorm of the 32 rows whose chunks this block's warps loaded: row sums meet across the four lanes of a row
 // and then across warps in shared memory (two passes, mean then squared deviations, as the row-wise stage), and the
 // normalised values replace the loaded ones.
@@ -294,12 +298,17 @@ __device__ __forceinline__ void norm_on_load(uint4 (&a_lo)[G::CHUNKS_PER_WARP][2
   }
 }
 
+// C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair.
+//
+// Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
+// {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
+// and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
 template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
 __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
                               const NormOnLoad<T>& norm = {}) {
   static_assert(!NORM || ResidentGemm<D, OP>::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
   using G = ResidentGemm<D, OP>;
-  const ResidentSlice s = Resident::template slice<OP>(blockIdx.x, gridDim.x);
+  const ResidentSlice s = Resident::template held<OP>(smem);
   if (s.part < 0) return;
   mbarrier_wait(Resident::barrier(smem, Resident::template slot<OP>()), 0);
   const char* sw = Resident::weights(smem) + s.offset;

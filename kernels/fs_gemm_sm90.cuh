@@ -158,8 +158,9 @@ Outcome launch(const Problem& p, Options options, void* workspace, cudaStream_t 
 
 // --- The layer's GEMM + epilogue segments (operators 7–8, 10–11, 12–13) ---
 
-// From this many rows on, the segment runs here; below it, fs_gemm.cuh's split-K tiles keep more SMs busy.
-constexpr int kMinRows = 1024;
+// From this many rows on, the segment runs here. Fewer rows go to the segment's resident-weight kernel
+// (fs::kResidentMaxRows, fs_gemm_resident.cuh), which keeps the weights in shared memory.
+constexpr int kMinRows = 65;
 
 // The configuration per GEMM + epilogue and row range, from experiments/cutlass_probe.py (H100,
 // experiments/results/cutlass-probe-h100.md):
@@ -167,7 +168,10 @@ constexpr int kMinRows = 1024;
 //   GELU, 128×128 pingpong tiles for the two N = hidden GEMMs + bias + residual;
 // - below kManyRows, tiles sized so that 1024–2048 rows make about one wave of 132 SMs: 128×192 cooperative tiles
 //   on a 2×1 cluster for FFN1 + GELU (128 tiles at 1024 rows), and for the N = hidden GEMMs 128×96 cooperative
-//   tiles from kFewRows (128 tiles at 2048 rows) or 64×96 pingpong tiles below it (two per SM at 1024 rows).
+//   tiles from kFewRows (128 tiles at 2048 rows) or 64×96 pingpong tiles below it (128 tiles at 1024 rows);
+// - below kSomeRows, 64×64 pingpong tiles for all three, the fastest at 32 and 128 rows, where the GEMM streams its
+//   weights: 96–576 tiles at 128 rows.
+constexpr int kSomeRows = 1024;
 constexpr int kFewRows = 2048;
 constexpr int kManyRows = 4096;
 template <int OP> using SegmentConfig = std::conditional_t<
@@ -178,6 +182,7 @@ template <int OP> using FewRowSegmentConfig = std::conditional_t<
     Config<Shape<_128, _96, _64>, Shape<_1, _1, _1>, Cooperative>>;
 template <int OP> using FewerRowSegmentConfig = std::conditional_t<
     OP == 10, FewRowSegmentConfig<OP>, Config<Shape<_64, _96, _64>, Shape<_1, _1, _1>, Pingpong>>;
+using SomeRowSegmentConfig = Config<Shape<_64, _64, _64>, Shape<_1, _1, _1>, Pingpong>;
 
 __host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
 
@@ -228,6 +233,7 @@ template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a,
                   OP == 7 ? a.x : OP == 10 ? nullptr : a.attn_out,
                   OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res};
   if (p.M >= kManyRows) return launch_segment_gemm<E, SegmentConfig<OP>, FusionOp>(p, stream);
+  if (p.M < kSomeRows) return launch_segment_gemm<E, SomeRowSegmentConfig, FusionOp>(p, stream);
   if constexpr (!std::is_same_v<FewerRowSegmentConfig<OP>, FewRowSegmentConfig<OP>>) {
     if (p.M < kFewRows) return launch_segment_gemm<E, FewerRowSegmentConfig<OP>, FusionOp>(p, stream);
   }

@@ -63,7 +63,8 @@ def test_committed_probe_runs_render_both_tables():
     assert probe.segment_config("attn_out", 2048)[1] == "coop_128x96_c1x1"  # from 2048 to 4095 rows
     assert probe.segment_config("attn_out", 8192)[1] == "pp_128x128_c1x1"
     assert probe.segment_config("ffn1", 1024) == ("bias_gelu_fast", "coop_128x192_c2x1")
-    assert probe.segment_config("ffn1", 1023) == (None, None)  # the generated kernel runs below 1024 rows
+    assert probe.segment_config("ffn1", 128) == ("bias_gelu_fast", "pp_64x64_c1x1")
+    assert probe.segment_config("ffn1", 64) == (None, None)  # the resident-weight kernel serves up to 64 rows
 
 
 def test_the_switch_rows_runs_render_only_rows_the_segments_serve_with_their_configurations():
@@ -77,9 +78,11 @@ def test_the_switch_rows_runs_render_only_rows_the_segments_serve_with_their_con
         assert (epilogue, config) == probe.segment_config(gemm[2:], int(m))
 
 
-def test_the_few_rows_run_renders_every_gemm_and_no_segment_rows():
+def test_the_few_rows_run_renders_every_gemm_and_the_segments_at_128_rows():
     probe = _probe_script()
     result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-32-128-h100.json").read_text())
     tables = probe.markdown(result).split("The configurations the segments use")
     assert tables[0].count("| plain |") == 8  # four GEMMs at 32 and 128 rows
-    assert "| attn_out |" not in tables[1]  # up to 1023 rows the segments run their own kernels
+    rows = [line.split(" | ") for line in tables[1].splitlines() if line.startswith("| ") and "---" not in line]
+    assert sorted((gemm[2:], int(m)) for gemm, m, *_ in rows[1:]) == [("attn_out", 128), ("ffn1", 128),
+                                                                       ("ffn2", 128)]
