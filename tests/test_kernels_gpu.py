@@ -77,6 +77,10 @@ def test_random_plans_match_reference_end_to_end(dtype, shape):
 HOPPER_SEGMENTS = (Segment(7, 8), Segment(10, 11), Segment(12, 13))
 
 
+def _is_cutlass_kernel(name: str) -> bool:
+    return "cutlass" in name and "device_kernel" in name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_rows(dtype):
     import torch
@@ -95,7 +99,7 @@ def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_row
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 budget = verify_segment(library, segment, weights, cfg, seed=batch)
             names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-            cutlass = any("cutlass" in n and "device_kernel" in n for n in names)
+            cutlass = any(_is_cutlass_kernel(n) for n in names)
             generated = any(n.startswith(f"fs_{segment.name}_") for n in names)
             expect_cutlass = sm90 and batch * seq >= 65  # fs::sm90::kMinRows
             if not budget.ok or cutlass != expect_cutlass or generated == expect_cutlass:
@@ -140,7 +144,7 @@ def test_plan_of_k_segments_launches_k_kernels():
             torch.cuda.synchronize()
         kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
         launched = [n for n in kernels if n.startswith("fs_seg_")]
-        cutlass = [n for n in kernels if "cutlass" in n and "device_kernel" in n]
+        cutlass = [n for n in kernels if _is_cutlass_kernel(n)]
         generated = [s for s in plan.segments if not uses_library_gemm(s)]
         on_cutlass = [s for s in generated if sm90 and hopper_gemm(s)]
         own = [s for s in generated if s not in on_cutlass]
