@@ -1,7 +1,7 @@
 """Evaluate the search strategies by replaying recorded exhaustive sweeps, leaving one shape out at a time.
 
 For each held-out shape: every strategy runs for ≥ 10 seeds against a replay of that shape's sweep (xgb_warm first
-trains on the other shapes); we record best-so-far ÷ true optimum after every trial (PNG per shape) and the trials
+trains on the other shapes; xgb_hand_start measures the hand-fused plans in its first batch); we record best-so-far ÷ true optimum after every trial (PNG per shape) and the trials
 needed to come within 1 %, 2 % and 5 % of the optimum. A cost model trained on the other shapes only is scored
 zero-shot on the held-out shape: Kendall τ, top-k recall, the true rank of its top-1 and its high/low class.
 Writes summary.md and summary.json (and one PNG per shape) under --out. Runs on a CPU.
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from the sou
 from fusionsearch.config import LayerConfig  # noqa: E402
 from fusionsearch.errors import FusionSearchError  # noqa: E402
 from fusionsearch.costmodel import SHAPE_COLUMNS, XGBCostModel, layer_config  # noqa: E402
-from fusionsearch.search import (ReplayMeasurer, SearchError, SearchSpace, load_records, make_tuner,  # noqa: E402
-                                 run_search, shape_rows)
+from fusionsearch.search import (ReplayMeasurer, SearchError, SearchSpace, hand_fused_start,  # noqa: E402
+                                 load_records, make_tuner, run_search, shape_rows)
 
-STRATEGIES = ("random", "segment_dp", "xgb", "xgb_warm")
+STRATEGIES = ("random", "segment_dp", "xgb", "xgb_hand_start", "xgb_warm")
 TOLERANCES = (0.01, 0.02, 0.05)
 
 
@@ -87,10 +87,12 @@ def first_within(ratio: np.ndarray, tolerance: float) -> int | None:
 def run_strategy(name: str, frame, cfg: LayerConfig, measurer, space, seed: int, budget: int,
                  batch_size: int) -> np.ndarray:
     """best-so-far latency per trial (length budget, inf before the first ok plan, held after a stop)."""
-    warm = None
+    warm, options = None, {}
     if name == "xgb_warm":
         warm = frame.drop(index=shape_rows(frame, cfg).index)
-    tuner = make_tuner("xgb" if name == "xgb_warm" else name, space, seed, warm=warm)
+    if name == "xgb_hand_start":
+        options["start"] = hand_fused_start()
+    tuner = make_tuner("xgb" if name.startswith("xgb") else name, space, seed, warm=warm, **options)
     result = run_search(tuner, measurer, budget, batch_size=batch_size)
     best = result.best_so_far()
     if len(best) < budget:  # exhausted (e.g. a small replay): the best stays what it was

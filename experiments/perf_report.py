@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summarize_sweeps import HARD_CODED, SHAPE_ORDER  # noqa: E402
+from summarize_sweeps import SHAPE_ORDER  # noqa: E402
 
 GOALS_US = {"1x32": 12, "1x128": 14, "8x128": 35, "16x128": 55, "16x512": 220, "64x128": 220, "64x512": 900}
 GOAL_GEOMEAN_SPEEDUP = 1.8
@@ -79,13 +79,13 @@ def measure_shape(shape: str, dtype: str, masks: list[int], folder: Path, ceilin
     from fusionsearch.config import LayerConfig, parse_shape
     from fusionsearch.mask import decode
     from fusionsearch.ops import roofline_floor_us
-    from fusionsearch.plan import Plan
+    from fusionsearch.plan import hand_fused_plans
     from fusionsearch.sweep import sweep_shape
 
     batch, seq = parse_shape(shape)
     cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
     candidates = [decode(mask) for mask in masks]
-    named = {name: Plan.from_cuts(cuts, attention=attention) for name, (cuts, attention) in HARD_CODED.items()}
+    named = hand_fused_plans()
     # Plans and baselines only: segments alone are the sweeps' business, and skipping them keeps the run short.
     result = sweep_shape(cfg, folder / f"records-{shape}-{dtype}.jsonl", plans=[*candidates, *named.values()],
                          segments=False, pool=pool)

@@ -11,9 +11,6 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summarize_sweeps import HARD_CODED  # noqa: E402  (plans that others hard-code, always measured)
-
 DEFAULT_BASELINES = ["eager", "eager_graph", "sdpa_graph", "nn_fastpath", "compile", "compile_graph", "hf_bert_graph"]
 
 
@@ -27,7 +24,7 @@ def main() -> int:
     args = parser.parse_args()
     from fusionsearch import baselines
     from fusionsearch.config import LayerConfig, parse_shape
-    from fusionsearch.plan import Plan, enumerate_plans
+    from fusionsearch.plan import enumerate_plans, hand_fused_plans
     from fusionsearch.sweep import sweep_shape
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +38,7 @@ def main() -> int:
         plans = list(enumerate_plans())
         if args.sample:
             plans = random.Random(f"{shape}-{args.sample}").sample(plans, args.sample)
-        plans = [Plan.from_cuts(c, attention=a) for c, a in HARD_CODED.values()] + plans
+        plans = list(hand_fused_plans().values()) + plans  # always measured, to compare against
         done = sweep_shape(cfg, path, plans=plans, baselines=args.baselines, progress=False)
         found = [r for r in done.found if r["kind"] == "baseline"]
         print(shape, "plans", done.plan_counts, f"{done.plan_seconds:.0f} s", "segments", done.segment_counts,

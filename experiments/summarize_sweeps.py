@@ -15,11 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-HARD_CODED = {  # (cuts, attention flag)
-    "ByteTransformer [0][1–6][7][8–9][10–11][12][13–14] + attention kernel": ({1, 7, 8, 10, 12, 13}, True),
-    "FasterTransformer [0][1][2][3–4][5][6][7][8–9][10][11][12][13–14]": ({1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13}, False),
-    "fully unfused": (set(range(1, 15)), False),
-}
 SHAPE_ORDER = ["1x32", "1x128", "8x128", "16x128", "16x512", "64x128", "64x512"]
 
 
@@ -27,7 +22,7 @@ def summarize(path: Path, ceilings: dict) -> dict:
     from fusionsearch.config import LayerConfig
     from fusionsearch.mask import decode
     from fusionsearch.ops import roofline_floor_us
-    from fusionsearch.plan import Plan
+    from fusionsearch.plan import hand_fused_plans
     from fusionsearch.records import load_frame
 
     frame = load_frame(path)
@@ -44,8 +39,7 @@ def summarize(path: Path, ceilings: dict) -> dict:
     base = frame[(frame["kind"] == "baseline") & (frame["status"] == "ok")].set_index("baseline")["latency_us"]
     best_torch = base.idxmin() if len(base) else None
     hard = {}
-    for name, (cuts, attention) in HARD_CODED.items():
-        plan = Plan.from_cuts(cuts, attention=attention)
+    for name, plan in hand_fused_plans().items():
         hard[name] = {"mask": plan.mask, "latency_us": float(latency.get(plan.canonical_id, float("nan")))}
     best_plan = decode(best_id)
     return {
@@ -149,7 +143,9 @@ def markdown(rows: list[dict], ceilings: dict, meta: dict, comparisons: dict | N
         lines.append(f"- **{r['shape']}**: mask {r['best']['mask']} ({r['best']['bits']}), {r['best']['kernels']} kernels, "
                      f"{r['best']['latency_us']:.1f} µs (p20 {r['best']['p20_us']:.1f}, p80 {r['best']['p80_us']:.1f}): "
                      f"{r['best']['plan']}")
-    names = list(HARD_CODED)
+    from fusionsearch.plan import HAND_FUSED
+
+    names = list(HAND_FUSED)
     lines += ["", "## Hand-fused plans and baselines (µs)", "",
               "| B×S | " + " | ".join(["ByteTransformer", "FasterTransformer", "unfused"]) + " | searched best | "
               + " | ".join(sorted({b for r in rows for b in r["baselines_us"]})) + " |",

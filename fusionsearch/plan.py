@@ -162,3 +162,19 @@ def all_segments() -> tuple[Segment, ...]:
     plain = [Segment(a, b) for a in range(NUM_OPS) for b in range(a, NUM_OPS)]
     attn = [Segment(a, b, True) for a in range(ATTN_FIRST + 1) for b in range(ATTN_LAST, NUM_OPS)]
     return tuple(plain + attn)
+
+
+# Plans that other systems fuse by hand, as (boundaries cut, attention flag). A search measures them in its first
+# batch, so its answer is never slower than theirs; reports and sweeps time them beside the searched best.
+HAND_FUSED: dict[str, tuple[frozenset[int], bool]] = {
+    "ByteTransformer [0][1–6][7][8–9][10–11][12][13–14] + attention kernel":
+        (frozenset({1, 7, 8, 10, 12, 13}), True),
+    "FasterTransformer [0][1][2][3–4][5][6][7][8–9][10][11][12][13–14]":
+        (frozenset({1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13}), False),
+    "fully unfused": (frozenset(range(1, NUM_OPS)), False),
+}
+
+
+def hand_fused_plans() -> dict[str, Plan]:
+    """The hand-fused plans of other systems, by name."""
+    return {name: Plan.from_cuts(cuts, attention=attention) for name, (cuts, attention) in HAND_FUSED.items()}

@@ -10,6 +10,7 @@ from synthetic_sweeps import FIXTURES
 from fusionsearch.cli import main
 from fusionsearch.costmodel import XGBCostModel
 from fusionsearch.mask import decode
+from fusionsearch.plan import HAND_FUSED, hand_fused_plans
 
 SWEEP = FIXTURES / "synthetic_sweep_8x128.jsonl.gz"
 OTHERS = [FIXTURES / "synthetic_sweep_1x128.jsonl.gz", FIXTURES / "synthetic_sweep_64x512.jsonl.gz"]
@@ -44,6 +45,21 @@ def test_search_replay_prints_the_best_plan_and_saves_it(capsys, tmp_path):
     assert best["speedup"] == pytest.approx(best["baseline"]["latency_us"] / best["best"]["latency_us"])
     assert (tmp_path / "model.json").is_file() and (tmp_path / "search_curve.png").is_file()
     assert not (tmp_path / "records.jsonl").exists()  # a replay measures nothing, so it records nothing
+
+
+def test_hand_fused_start_leads_with_the_hand_fused_plans_the_replay_holds(capsys, tmp_path):
+    faster = hand_fused_plans()[next(name for name in HAND_FUSED if name.startswith("FasterTransformer"))]
+    firsts = {}
+    for flag in ([], ["--hand-fused-start"]):
+        out = tmp_path / ("hand" if flag else "default")
+        code, _, err = run_cli(capsys, "search", "--shape", "8x128", "--replay", SWEEP, "--budget", 16, "--out", out,
+                               *flag)
+        assert code == 0, err
+        firsts[bool(flag)] = [t["mask"] for t in json.loads((out / "search.json").read_text())["trial_log"]]
+    # The fixture sweep is a sample holding only the FasterTransformer plan of the three; proposing the other two
+    # would have stopped the search (a plan outside the space is a tuner bug), so they were skipped.
+    assert firsts[True][0] == faster.canonical_id
+    assert firsts[False][0] != faster.canonical_id
 
 
 def test_search_json_output_and_segment_dp_strategy(capsys, tmp_path):
@@ -85,6 +101,7 @@ def test_search_without_gpu_or_replay_exits_2_with_one_line(capsys, tmp_path):
     (["--shape", "16x128", "--replay", SWEEP], "holds no kind=plan records for shape 16x128"),
     (["--shape", "8x128", "--replay", SWEEP, "--resume"], "drop --records and --resume"),
     (["--shape", "8x128", "--replay", SWEEP, "--strategy", "random", "--warm-start", SWEEP], "only guides"),
+    (["--shape", "8x128", "--replay", SWEEP, "--strategy", "segment-dp", "--hand-fused-start"], "only guides"),
     (["--shape", "8x128", "--replay", FIXTURES / "absent.jsonl"], "does not exist"),
 ])
 def test_search_bad_input_exits_2_with_a_message(capsys, tmp_path, argv, message):

@@ -15,8 +15,8 @@ from fusionsearch.features import all_canonical_masks, segment_incidence
 from fusionsearch.mask import decode
 from fusionsearch.plan import Plan, Segment, all_segments
 from fusionsearch.search import (GpuMeasurer, ReplayMeasurer, SearchError, SearchSpace, SegmentDPTuner, Trial,
-                                 config_from_records, k_best_plans, load_records, make_tuner, run_search,
-                                 shape_rows, trials_from_records)
+                                 config_from_records, hand_fused_start, k_best_plans, load_records, make_tuner,
+                                 run_search, shape_rows, trials_from_records)
 
 CFG = LayerConfig(8, 128)
 ENV = {"gpu": {"name": "SYNTHETIC test GPU", "capability": "0.0", "sm_count": 0}, "torch": "t", "cuda": "c",
@@ -127,6 +127,29 @@ def test_warm_started_xgb_picks_fast_plans_before_measuring_any(fixture_frame):
         warm_median = np.median([t.latency_us for t in warm.trials if t.ok])
         cold_median = np.median([t.latency_us for t in cold.trials if t.ok])
         assert warm_median < 0.9 * median < cold_median
+
+
+def test_hand_fused_start_measures_those_plans_first_and_never_ends_slower(full_replay):
+    space = SearchSpace(CFG, full_replay.candidates())
+    hand = hand_fused_start()
+    best_hand = min(latency for mask in hand for status, latency in [full_replay.plans[mask]] if status == "ok")
+    for seed in range(2):
+        tuner = make_tuner("xgb", space, seed, start=hand)
+        trials = run_search(tuner, full_replay, budget=16, batch_size=16).trials
+        assert [t.mask for t in trials[:len(hand)]] == hand
+        assert len({t.mask for t in trials}) == 16  # the rest of the batch is random, no repeats
+        assert min(t.latency_us for t in trials if t.ok) <= best_hand
+    default = run_search(make_tuner("xgb", space, 0), full_replay, budget=16, batch_size=16).trials
+    assert not set(hand) <= {t.mask for t in default}  # by default the first batch is all random
+
+
+def test_start_plans_a_partial_replay_lacks_are_skipped(tmp_path):
+    masks = [int(m) for m in all_canonical_masks()[:6]]
+    replay = small_replay(tmp_path, {m: ("ok", 10.0 + i) for i, m in enumerate(masks)})
+    space = SearchSpace(CFG, replay.candidates())
+    assert not any(mask in space for mask in hand_fused_start())
+    trials = run_search(make_tuner("xgb", space, 0, start=hand_fused_start()), replay, budget=6, batch_size=6).trials
+    assert sorted(t.mask for t in trials) == sorted(masks)
 
 
 @pytest.mark.parametrize("strategy", ["xgb", "random"])

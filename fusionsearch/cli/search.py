@@ -38,6 +38,11 @@ def register(subparsers) -> None:
                                                  "(default: a folder per shape under the cache folder)")
     parser.add_argument("--warm-start", type=Path, nargs="+", metavar="F", default=[],
                         help="records of other shapes to train the xgb model on before the first batch")
+    parser.add_argument("--hand-fused-start", action="store_true",
+                        help="xgb only: measure the hand-fused plans of other systems (ByteTransformer, "
+                             "FasterTransformer, unfused) in the first batch, so that the result is never slower "
+                             "than theirs; gets within 5 %% of the optimum sooner on recorded sweeps, within 1 %% "
+                             "later (default: an all-random first batch)")
     parser.add_argument("--batch-size", type=int, default=16, help="plans measured between refits (default: 16)")
     parser.add_argument("--patience", type=int,
                         help=f"stop after this many batches without a better plan (default: {DEFAULT_PATIENCE} "
@@ -60,8 +65,9 @@ def _check_args(args) -> None:
     if args.replay is not None and (args.records is not None or args.resume):
         raise FusionSearchError("--replay answers from a recorded sweep and measures nothing; drop --records "
                                 "and --resume, or drop --replay to measure on the GPU")
-    if args.warm_start and args.strategy != "xgb":
-        raise FusionSearchError(f"--warm-start only guides --strategy xgb, not {args.strategy}; drop it or use xgb")
+    for flag, given in (("--warm-start", args.warm_start), ("--hand-fused-start", args.hand_fused_start)):
+        if given and args.strategy != "xgb":
+            raise FusionSearchError(f"{flag} only guides --strategy xgb, not {args.strategy}; drop it or use xgb")
 
 
 def _measurer(args, batch: int, seq_len: int):
@@ -115,7 +121,7 @@ def _progress(budget: int, initial: int):
 def run(args) -> int:
     from ..config import parse_shape
     from ..costmodel import require_xgboost
-    from ..search import SearchSpace, load_records, make_tuner, run_search
+    from ..search import SearchSpace, hand_fused_start, load_records, make_tuner, run_search
     from ..search.report import save_outputs, search_report
 
     _check_args(args)
@@ -126,7 +132,8 @@ def run(args) -> int:
     try:
         warm = load_records(args.warm_start) if args.warm_start else None
         space = SearchSpace(cfg, measurer.candidates())
-        tuner = make_tuner(args.strategy, space, args.seed, warm=warm)
+        options = {"start": hand_fused_start()} if args.hand_fused_start else {}
+        tuner = make_tuner(args.strategy, space, args.seed, warm=warm, **options)
         budget = args.budget or _default_budget(args.strategy, tuner, space)
         patience = args.patience if args.patience is not None else (DEFAULT_PATIENCE if args.strategy == "xgb"
                                                                     else None)

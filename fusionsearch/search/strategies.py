@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pandas as pd
 from ..config import LayerConfig
 from ..costmodel import SHAPE_COLUMNS, XGBCostModel
 from ..features import segment_incidence
-from ..plan import Segment, all_segments
+from ..plan import Segment, all_segments, hand_fused_plans
 from .dp import k_best_plans
 from .loop import SearchError, SearchSpace, Trial, Tuner
 from .measurers import shape_rows
@@ -93,18 +94,23 @@ class XGBTuner(Tuner):
     slowest ok plan, as AutoTVM scores failed configs worst). Each slot of a batch explores a random unvisited plan
     with probability epsilon. With `warm` records of other shapes the model trains on those first and the
     first batch is already model-guided; the own shape's rows then carry 1/warm_share of the warm rows' weight
-    so that a few own measurements can override the other shapes.
+    so that a few own measurements can override the other shapes. `start` plans (e.g. the hand-fused plans of
+    other systems, `hand_fused_start()`) lead the first batch of a cold search and random plans fill it up. On
+    the recorded sweeps that reaches 5 % of the optimum sooner but 1 % later and less surely than an all-random
+    first batch (`experiments/NOTES.md`, "Starting from the hand-fused plans"), so it is not the default.
     """
 
     name = "xgb"
 
     def __init__(self, space: SearchSpace, seed: int = 0, *, epsilon: float = 0.05, warm: pd.DataFrame | None = None,
                  n_estimators: int = 60, failure_penalty: float = 2.0, warm_rows: int = 3000,
-                 warm_share: float = 4.0) -> None:
+                 warm_share: float = 4.0, start: Sequence[int] = ()) -> None:
         super().__init__(space, seed)
         if not 0.0 <= epsilon <= 1.0:
             raise SearchError(f"epsilon {epsilon} is outside [0, 1]; it is the share of random picks, e.g. 0.05")
         self.epsilon = epsilon
+        # Plans outside the space (a partial replay) cannot be measured and are dropped.
+        self.start = [int(m) for m in dict.fromkeys(start) if int(m) in space]
         self.failure_penalty = failure_penalty
         self.warm_share = warm_share
         self.model = XGBCostModel(n_estimators=n_estimators, seed=seed)
@@ -137,7 +143,11 @@ class XGBTuner(Tuner):
         if not len(pool):
             return []
         if not self.fitted:
-            return [int(m) for m in self.space.masks[self.rng.choice(pool, min(size, len(pool)), replace=False)]]
+            first = [m for m in self.start if m not in self.visited][:size]
+            taken = np.array([self.space.position[m] for m in first], dtype=np.int64)
+            rest = np.setdiff1d(pool, taken, assume_unique=True)
+            fill = self.rng.choice(rest, min(size - len(first), len(rest)), replace=False)
+            return first + [int(m) for m in self.space.masks[fill]]
         predicted = self.model.predict_features(self.space.features[pool], self.space.masks[pool], self.space.cfg)
         order = pool[np.argsort(predicted, kind="stable")]
         explore = int(self.rng.binomial(size, self.epsilon))
@@ -162,6 +172,11 @@ class XGBTuner(Tuner):
     def own_frame(self) -> pd.DataFrame:
         """This search's plan trials as a records-like frame (the columns CostModel.fit reads)."""
         return trials_frame(self.trials, self.space.cfg)
+
+
+def hand_fused_start() -> list[int]:
+    """Canonical ids of the hand-fused plans of other systems, as `start` plans for XGBTuner."""
+    return [plan.canonical_id for plan in hand_fused_plans().values()]
 
 
 def trials_frame(trials: "list[Trial]", cfg: LayerConfig) -> pd.DataFrame:
