@@ -1,8 +1,9 @@
 """Evaluate the search strategies by replaying recorded exhaustive sweeps, leaving one shape out at a time.
 
 For each held-out shape: every strategy runs for ≥ 10 seeds against a replay of that shape's sweep (xgb_warm first
-trains on the other shapes; xgb_hand_start measures the hand-fused plans in its first batch); we record best-so-far ÷ true optimum after every trial (PNG per shape) and the trials
-needed to come within 1 %, 2 % and 5 % of the optimum. A cost model trained on the other shapes only is scored
+trains on the other shapes; xgb_hand_start measures the hand-fused plans in its first batch); we record
+best-so-far ÷ true optimum after every trial (PNG per shape) and the trials needed to come within 1 %, 2 % and 5 %
+of the optimum. A cost model trained on the other shapes only is scored
 zero-shot on the held-out shape: Kendall τ, top-k recall, the true rank of its top-1 and its high/low class.
 Writes summary.md and summary.json (and one PNG per shape) under --out. Runs on a CPU.
 

@@ -164,8 +164,8 @@ def all_segments() -> tuple[Segment, ...]:
     return tuple(plain + attn)
 
 
-# Plans that other systems fuse by hand, as (boundaries cut, attention flag). A search measures them in its first
-# batch, so its answer is never slower than theirs; reports and sweeps time them beside the searched best.
+# Plans that other systems fuse by hand, as (boundaries cut, attention flag): reports and sweeps time them beside
+# the searched best, and `search --hand-fused-start` measures them first.
 HAND_FUSED: dict[str, tuple[frozenset[int], bool]] = {
     "ByteTransformer [0][1–6][7][8–9][10–11][12][13–14] + attention kernel":
         (frozenset({1, 7, 8, 10, 12, 13}), True),
