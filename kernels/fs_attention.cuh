@@ -99,16 +99,21 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
       cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + (row0 + r) * kRowStride + col : src, ok);
     }
   };
-  // K, V and the raw key-mask bias of key tile kv of item into buffer buf; zero-filled past S or without a mask.
-  auto load_kv = [&](int item, int kv, int buf) {
-    const long long head_off = input_offset(item);
-    load_rows(sK + buf * F::BKV * F::STRIDE, K, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
-    load_rows(sV + buf * F::BKV * F::STRIDE, V, head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
+  // Where an item's inputs start: its head in Q, K and V, and its sequence's row of the key-mask bias. Worked
+  // out once per item, so a key tile's loads cost no integer divisions.
+  struct ItemInputs {
+    long long head_off;
+    int bias_off;
+  };
+  auto inputs_of = [&](int item) { return ItemInputs{input_offset(item), item / q_tiles / D::heads * S}; };
+  // K, V and the raw key-mask bias of key tile kv into buffer buf; zero-filled past S or without a mask.
+  auto load_kv = [&](const ItemInputs& in, int kv, int buf) {
+    load_rows(sK + buf * F::BKV * F::STRIDE, K, in.head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
+    load_rows(sV + buf * F::BKV * F::STRIDE, V, in.head_off, kv * F::BKV, std::integral_constant<int, F::BKV>{});
     if (tid < F::BKV) {
-      const int key = kv * F::BKV + tid, b = item / q_tiles / D::heads;
+      const int key = kv * F::BKV + tid;
       const bool ok = a.key_bias != nullptr && key < S;
-      cp_async4(sBias + buf * F::BKV + tid,
-                ok ? static_cast<const void*>(a.key_bias + static_cast<long long>(b) * S + key) : static_cast<const void*>(Q), ok);
+      cp_async4(sBias + buf * F::BKV + tid, ok ? static_cast<const void*>(a.key_bias + in.bias_off + key) : static_cast<const void*>(Q), ok);
     }
   };
 
@@ -117,8 +122,9 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
   const int item_stride = gridDim.x * F::GROUPS;
   int item = blockIdx.x * F::GROUPS + group, kv = 0, buf = 0;
   if (item >= items) return;
-  load_rows(sQ, Q, input_offset(item), (item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
-  load_kv(item, 0, 0);
+  ItemInputs current = inputs_of(item);
+  load_rows(sQ, Q, current.head_off, (item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
+  load_kv(current, 0, 0);
   cp_async_commit();
 
   uint32_t qf[MT][DK][4];
@@ -167,12 +173,14 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
     }
     const bool last_tile = kv + 1 == kv_tiles;
     const int next_item = last_tile ? item + item_stride : item, next_kv = last_tile ? 0 : kv + 1;
+    ItemInputs next = current;
     if (next_item < items) {
       if (last_tile) {
         if (kv == 0) group_sync();  // one key tile per item: every warp must hold its queries before sQ refills
-        load_rows(sQ, Q, input_offset(next_item), (next_item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
+        next = inputs_of(next_item);
+        load_rows(sQ, Q, next.head_off, (next_item % q_tiles) * F::BQ, std::integral_constant<int, F::BQ>{});
       }
-      load_kv(next_item, next_kv, buf ^ 1);
+      load_kv(next, next_kv, buf ^ 1);
     }
     cp_async_commit();
 
@@ -320,6 +328,7 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
     }
     if (next_item >= items) break;
     item = next_item;
+    current = next;
     kv = next_kv;
     buf ^= 1;
   }
