@@ -158,6 +158,11 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
 
 
+def _copy_tbs(ceilings: dict, key: str) -> float:
+    """TB/s of one of the two timed copies: the ceiling's bytes over that copy's time."""
+    return ceilings["bandwidth_tbs"] * ceilings["copy_us"] / ceilings[key]
+
+
 def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"# Performance on the {meta['gpu']} (BERT-base: hidden 768, 12 heads, FF 3072)", "",
@@ -175,7 +180,9 @@ def markdown(report: dict) -> str:
         ceil = report["ceilings"][dtype]
         lines += [f"## One layer, {dtype}", "",
                   f"Ceilings measured in this run: {ceil['peak_tflops']:.0f} TFLOP/s matmul, "
-                  f"{ceil['bandwidth_tbs']:.2f} TB/s copy.", "",
+                  f"{ceil['bandwidth_tbs']:.2f} TB/s copy (the faster of a graph memcpy"
+                  + (f", {_copy_tbs(ceil, 'memcpy_us'):.2f}, and an SM copy kernel, {_copy_tbs(ceil, 'sm_copy_us'):.2f}"
+                     if "sm_copy_us" in ceil else " alone") + ").", "",
                   "| B×S | floor | goal | ours (mask) | speed-up over best PyTorch | % of floor | "
                   + " | ".join(names) + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(names)]

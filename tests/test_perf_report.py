@@ -151,6 +151,15 @@ def test_markdown_reports_speedups_goals_and_the_end_to_end_table():
     assert "| 1x128 | 500.0 (500.0–500.0) (41108) | 740.0" in text and "1.14×" in text
 
 
+def test_markdown_names_both_copies_behind_the_bandwidth_ceiling():
+    perf = _perf_module()
+    ceilings = {"peak_tflops": 770.0, "bandwidth_tbs": 4.0, "copy_us": 500.0, "memcpy_us": 800.0, "sm_copy_us": 500.0}
+    report = {"meta": {"gpu": "GPU X", "torch": "t", "cuda": "c", "template_hash": "h", "time": "now"},
+              "dtypes": ["fp16"], "ceilings": {"fp16": ceilings},
+              "layers": [_layer("1x32", "fp16", 10.0, {"sdpa_graph": 40.0}, 12)], "e2e": []}
+    assert "4.00 TB/s copy (the faster of a graph memcpy, 2.50, and an SM copy kernel, 4.00)" in perf.markdown(report)
+
+
 def test_a_shape_without_a_recorded_best_plan_is_refused(tmp_path, capsys):
     perf = _perf_module()
     plans = tmp_path / "plans.json"
