@@ -152,6 +152,28 @@ def test_start_plans_a_partial_replay_lacks_are_skipped(tmp_path):
     assert sorted(t.mask for t in trials) == sorted(masks)
 
 
+def test_xgb_measures_both_sides_of_the_attention_flag_in_every_batch(full_replay):
+    space = SearchSpace(CFG, full_replay.candidates())
+    uses_kernel = lambda mask: bool(mask >> 15 & 1)  # noqa: E731
+    for seed in range(2):
+        trials = run_search(make_tuner("xgb", space, seed), full_replay, budget=64, batch_size=16).trials
+        batches = [[uses_kernel(t.mask) for t in trials[i:i + 16]] for i in range(0, 64, 16)]
+        assert sum(batches[0]) == 8  # the cold batch: half of its random plans from each side
+        assert all(any(b) and not all(b) for b in batches), batches
+        assert len({t.mask for t in trials}) == 64
+    one_side = run_search(make_tuner("xgb", space, 0, cover_attention=False), full_replay, budget=16,
+                          batch_size=16).trials
+    assert sum(uses_kernel(t.mask) for t in one_side) < 8  # without covering the first batch is plain random
+
+
+def test_xgb_fills_a_batch_from_one_side_of_the_flag_where_the_other_has_no_plans(tmp_path):
+    masks = [int(m) for m in all_canonical_masks() if not m >> 15 & 1][:6]
+    replay = small_replay(tmp_path, {m: ("ok", 10.0 + i) for i, m in enumerate(masks)})
+    space = SearchSpace(CFG, replay.candidates())
+    trials = run_search(make_tuner("xgb", space, 0), replay, budget=6, batch_size=4).trials
+    assert sorted(t.mask for t in trials) == sorted(masks)
+
+
 @pytest.mark.parametrize("strategy", ["xgb", "random"])
 def test_search_is_deterministic_for_a_seed(full_replay, strategy):
     space = SearchSpace(CFG, full_replay.candidates())
