@@ -96,8 +96,8 @@ class XGBTuner(Tuner):
     first batch is already model-guided; the own shape's rows then carry 1/warm_share of the warm rows' weight
     so that a few own measurements can override the other shapes. `start` plans (e.g. the hand-fused plans of
     other systems, `hand_fused_start()`) lead the first batch of a cold search and random plans fill it up. On
-    the recorded sweeps that reaches 5 % of the optimum sooner but 1 % later and less surely than an all-random
-    first batch (`experiments/NOTES.md`, "Starting from the hand-fused plans"), so it is not the default.
+    the recorded sweeps that reaches 1 % of the optimum sooner at four of seven shapes but leaves a seed in ten
+    short of it at two (`experiments/NOTES.md`, "Both sides of the attention flag"), so it is not the default.
 
     With `cover_attention` (the default), both sides of the attention-kernel flag are measured in every batch: a
     cold first batch draws half its random plans from each side (only 2,048 of the 18,432 plans use the kernel),
