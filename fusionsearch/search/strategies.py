@@ -174,11 +174,11 @@ class XGBTuner(Tuner):
         count = min(count, len(rest))
         if self.attention is None or count <= 0:
             return self.rng.choice(rest, count, replace=False)
-        sides = [rest[self.attention[rest]], rest[~self.attention[rest]]]
-        take = min(len(sides[0]), (count + 1) // 2)
-        take = [take, min(len(sides[1]), count - take)]
-        take[0] = min(len(sides[0]), count - take[1])  # one side short: the other fills the batch
-        return np.concatenate([self.rng.choice(side, n, replace=False) for side, n in zip(sides, take)])
+        kernel, other = rest[self.attention[rest]], rest[~self.attention[rest]]
+        # Half each; where one side runs short, the other fills the batch.
+        from_kernel = min(len(kernel), max((count + 1) // 2, count - len(other)))
+        return np.concatenate([self.rng.choice(kernel, from_kernel, replace=False),
+                               self.rng.choice(other, count - from_kernel, replace=False)])
 
     def _cover_both_sides(self, picks: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Where every pick lies on one side of the attention flag, the other side's best-predicted unvisited plan
