@@ -150,7 +150,9 @@ def test_fp32_has_no_generated_kernels():
         render_segment(Segment(0, 0), LayerConfig(dtype="fp32"), "90")
 
 
-SAMPLE = [Segment(0, 14, True), Segment(0, 14), Segment(6, 7), Segment(3, 4), Segment(10, 11), Segment(12, 13)]
+# 1–6 with the attention kernel alone: the 32-row (one block per SM) and 64-row-item kernels, with the QKV split.
+SAMPLE = [Segment(0, 14, True), Segment(0, 14), Segment(1, 6, True), Segment(6, 7), Segment(3, 4), Segment(10, 11),
+          Segment(12, 13)]
 
 
 @pytest.mark.nvcc
