@@ -175,3 +175,42 @@ def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path)
         assert "mma.sync.aligned.m16n8k16" in ptx
     if hopper_gemm(segment):  # many rows: warpgroup MMA on operands that TMA brings in
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+
+
+def ptxas_resources(stderr: str) -> dict[str, tuple[int, int]]:
+    """Kernel name → (registers, spill-store bytes) from `ptxas -v` output."""
+    found, name = {}, None
+    for line in stderr.splitlines():
+        if match := re.search(r"Compiling entry function '([^']+)'", line):
+            name = match.group(1)
+        elif name and (match := re.search(r"(\d+) bytes spill stores", line)):
+            found[name] = (0, int(match.group(1)))
+        elif name and (match := re.search(r"Used (\d+) registers", line)):
+            found[name] = (int(match.group(1)), found.get(name, (0, 0))[1])
+    return found
+
+
+@pytest.mark.nvcc
+def test_attention_kernel_alone_fits_its_registers_without_spilling_in_the_hot_loop(tmp_path):
+    # At large shapes this kernel is a quarter of the layer; a spill in its key-tile loop costs several per cent.
+    unit = render_segment(Segment(1, 6, True), LayerConfig(), "90a")
+    source = tmp_path / unit.filename
+    source.write_text(unit.source)
+    from fusionsearch.build import unit_cubin_command
+    result = subprocess.run([*unit_cubin_command(source, tmp_path / "unit.cubin"), "-Xptxas", "-v"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resources = ptxas_resources(result.stderr)
+    assert resources[unit.kernel_name][1] == 0 and resources[unit.kernel_name][0] <= 255  # 32 rows, 1 block/SM
+    few_registers, few_spills = resources[unit.kernel_name + "_few_items"]
+    assert few_registers <= 128 and few_spills <= 8  # 64-row items at 2 blocks/SM: 8 bytes since f39ddf86
+
+
+def test_ptxas_resources_are_read_per_kernel():
+    text = ("ptxas info    : Compiling entry function 'k_a' for 'sm_90a'\n"
+            "    8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"
+            "ptxas info    : Used 128 registers, used 16 barriers\n"
+            "ptxas info    : Compiling entry function 'k_b' for 'sm_90a'\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+            "ptxas info    : Used 244 registers, used 16 barriers\n")
+    assert ptxas_resources(text) == {"k_a": (128, 8), "k_b": (244, 0)}
