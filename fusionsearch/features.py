@@ -52,7 +52,7 @@ import numpy as np
 from .config import LayerConfig
 from .errors import MaskError
 from .ops import ATTENTION_OPS, NUM_OPS, OPS, OpKind, tensor_bytes
-from .plan import Plan, Segment, all_segments
+from .plan import ATTENTION_BIT, Plan, Segment, all_segments
 
 FEATURE_SCHEMA = 1  # bump when a feature's meaning or order changes: saved models check it
 
@@ -206,7 +206,7 @@ def _as_masks(plans: "Iterable[Plan | int] | np.ndarray") -> np.ndarray:
 
 def _structure(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(attention [P], cut [P, 15] with column b = boundary b, segment index per op [P, 15], op starts a kernel)."""
-    attention = (masks >> 15) & 1
+    attention = (masks >> ATTENTION_BIT) & 1
     bits = (masks[:, None] >> (14 - np.arange(NUM_OPS))[None, :]) & 1
     cut = np.zeros((len(masks), NUM_OPS), dtype=bool)
     cut[:, 1:] = bits[:, 1:] != bits[:, :-1]
@@ -226,7 +226,7 @@ def canonical_masks(plans: "Iterable[Plan | int] | np.ndarray") -> np.ndarray:
     masks = _as_masks(plans)
     attention, cut, _, _ = _structure(masks)
     bits = np.cumsum(cut, axis=1) & 1  # operator 0's bit is 0 and bits flip exactly at cuts
-    return (attention << 15) | (bits << (14 - np.arange(NUM_OPS))).sum(axis=1)
+    return (attention << ATTENTION_BIT) | (bits << (14 - np.arange(NUM_OPS))).sum(axis=1)
 
 
 def segment_incidence(plans: "Iterable[Plan | int] | np.ndarray") -> np.ndarray:

@@ -6,7 +6,7 @@ import re
 
 from .errors import MaskError
 from .ops import NUM_OPS
-from .plan import Plan
+from .plan import ATTENTION_BIT, Plan
 
 MASK_BITS = 16
 MAX_MASK = (1 << MASK_BITS) - 1
@@ -62,7 +62,7 @@ def runs(value: int) -> list[tuple[int, int]]:
 def decode(value: "int | str") -> Plan:
     """Mask → Plan: runs of equal bits are segments; with pos0 = 1 every segment touching ops 2–5 joins one."""
     number = parse_mask(value)
-    attention = bool(number >> 15 & 1)
+    attention = bool(number >> ATTENTION_BIT & 1)
     cuts = {first for first, _ in runs(number)[1:]}
     return Plan.from_cuts(cuts, attention=attention)
 
@@ -76,7 +76,7 @@ def to_seed(value: "int | str") -> str:
     """The seed text format: value pos0 count start_1 end_1 … (fused segments, mask positions 1…15)."""
     number = parse_mask(value)
     plan = decode(number)
-    fields = [number, number >> 15 & 1, len(plan.fused_segments)]
+    fields = [number, number >> ATTENTION_BIT & 1, len(plan.fused_segments)]
     for seg in plan.fused_segments:
         fields.extend(seg.positions)
     return " ".join(map(str, fields))

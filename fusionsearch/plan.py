@@ -9,6 +9,7 @@ from .errors import PlanError
 from .ops import ATTENTION_OPS, NUM_OPS, OPS
 
 ATTN_FIRST, ATTN_LAST = ATTENTION_OPS
+ATTENTION_BIT = 15  # mask bit pos0, the attention kernel over operators 2–5; bits 14 … 0 are operators 0 … 14
 
 
 @dataclass(frozen=True, order=True)
@@ -112,7 +113,7 @@ class Plan:
     @cached_property
     def mask(self) -> int:
         """Canonical 16-bit mask: pos0 = attention, operator 0's bit is 0, bits flip exactly at cuts."""
-        value = 1 << 15 if self.attention else 0
+        value = 1 << ATTENTION_BIT if self.attention else 0
         bit = 0
         for op in range(NUM_OPS):
             if op in self.cuts:

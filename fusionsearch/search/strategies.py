@@ -10,7 +10,7 @@ import pandas as pd
 from ..config import LayerConfig
 from ..costmodel import SHAPE_COLUMNS, XGBCostModel
 from ..features import segment_incidence
-from ..plan import Segment, all_segments, hand_fused_plans
+from ..plan import ATTENTION_BIT, Segment, all_segments, hand_fused_plans
 from .dp import k_best_plans
 from .loop import SearchError, SearchSpace, Trial, Tuner
 from .measurers import shape_rows
@@ -119,8 +119,8 @@ class XGBTuner(Tuner):
         # Plans outside the space (a partial replay) cannot be measured and are dropped.
         self.start = [int(m) for m in dict.fromkeys(start) if int(m) in space]
         self.failure_penalty = failure_penalty
-        # Per plan of the space: does it run the attention kernel (mask bit 15)? None: no covering.
-        self.attention = (space.masks >> 15 & 1).astype(bool) if cover_attention else None
+        # Per plan of the space: does it run the attention kernel? None: no covering.
+        self.attention = (space.masks >> ATTENTION_BIT & 1).astype(bool) if cover_attention else None
         self.warm_share = warm_share
         self.model = XGBCostModel(n_estimators=n_estimators, seed=seed)
         self.fitted = False
