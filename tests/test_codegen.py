@@ -155,20 +155,26 @@ SAMPLE = [Segment(0, 14, True), Segment(0, 14), Segment(1, 6, True), Segment(6, 
           Segment(12, 13)]
 
 
+def compile_unit(segment: Segment, cfg: LayerConfig, folder: Path, *flags: str):
+    """Render the segment's unit into folder and compile it to folder/unit.cubin with the real build's flags;
+    (unit, finished nvcc process)."""
+    from fusionsearch.build import unit_cubin_command
+    unit = render_segment(segment, cfg, "90a")
+    source = folder / unit.filename
+    source.write_text(unit.source)
+    result = subprocess.run([*unit_cubin_command(source, folder / "unit.cubin"), *flags], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return unit, result
+
+
 @pytest.mark.nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("segment", SAMPLE, ids=lambda s: s.name)
 def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path):
-    cfg = LayerConfig(dtype="bf16" if segment.attention else "fp16")
-    unit = render_segment(segment, cfg, "90a")
-    source = tmp_path / unit.filename
-    source.write_text(unit.source)
-    cubin = tmp_path / "unit.cubin"
-    from fusionsearch.build import unit_cubin_command  # the flags of the real build
-    result = subprocess.run([*unit_cubin_command(source, cubin), "--keep", f"--keep-dir={tmp_path}"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert cubin.stat().st_size > 0
+    compile_unit(segment, LayerConfig(dtype="bf16" if segment.attention else "fp16"), tmp_path,
+                 "--keep", f"--keep-dir={tmp_path}")
+    assert (tmp_path / "unit.cubin").stat().st_size > 0
     # The GPU suite checks SASS for HMMA; here the kept PTX shows the tensor-core instruction was emitted.
     ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))
     if any(st.kind in ("gemm", "attention") for st in stages_of(segment)):
@@ -193,13 +199,7 @@ def ptxas_resources(stderr: str) -> dict[str, tuple[int, int]]:
 @pytest.mark.nvcc
 def test_attention_kernel_alone_fits_its_registers_without_spilling_in_the_hot_loop(tmp_path):
     # At large shapes this kernel is a quarter of the layer; a spill in its key-tile loop costs several per cent.
-    unit = render_segment(Segment(1, 6, True), LayerConfig(), "90a")
-    source = tmp_path / unit.filename
-    source.write_text(unit.source)
-    from fusionsearch.build import unit_cubin_command
-    result = subprocess.run([*unit_cubin_command(source, tmp_path / "unit.cubin"), "-Xptxas", "-v"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    unit, result = compile_unit(Segment(1, 6, True), LayerConfig(), tmp_path, "-Xptxas", "-v")
     resources = ptxas_resources(result.stderr)
     assert resources[unit.kernel_name][1] == 0 and resources[unit.kernel_name][0] <= 255  # 32 rows, 1 block/SM
     few_registers, few_spills = resources[unit.kernel_name + "_few_items"]
