@@ -1,0 +1,96 @@
+"""Each kernel of a plan timed alone, beside the whole plan and SM copies of the same sizes, in one process.
+
+    PYTHONPATH=. python experiments/segment_bench.py [--shapes 16x128 64x512] [--plan 48934] [--dtype fp16] \
+        [--out F.json]
+
+The plan is checked against the fp32 reference first (poisoned buffers). Timings are the sweeps' (sweep's rig:
+CUDA events over graph replays, weights and inputs rotated past the L2), so they compare with the sweep records.
+Per segment: median µs (p20–p80), the bytes it must move across its boundary (each tensor once), the rate that
+implies, and the TFLOP/s of its GEMMs. The copies are elementwise kernels over [B·S, hidden] tensors: one read +
+one write (a LayerNorm alone) and two reads + one write (bias + residual + LayerNorm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+SHAPES = ["1x32", "1x128", "8x128", "16x128", "16x512", "64x128", "64x512"]
+
+
+def copy_rates(cfg) -> dict:
+    """µs of torch.mul (read 1, write 1) and torch.add (read 2, write 1) over [B·S, hidden] tensors."""
+    import torch
+
+    from fusionsearch.timing import time_cuda_graph
+    from fusionsearch.weights import torch_dtype
+
+    rows = cfg.batch * cfg.seq_len
+    x, y, out = (torch.randn(rows, cfg.hidden, device="cuda").to(torch_dtype(cfg.dtype)) for _ in range(3))
+    mul = time_cuda_graph(lambda: torch.mul(x, 1.0, out=out))
+    add = time_cuda_graph(lambda: torch.add(x, y, out=out))
+    return {"read1_write1_us": mul["median"], "read2_write1_us": add["median"], "tensor_bytes": x.nbytes}
+
+
+def bench_shape(shape: str, plan, dtype: str) -> dict:
+    from fusionsearch.config import LayerConfig, parse_shape
+    from fusionsearch.features import segment_table
+    from fusionsearch.sweep import _Rig
+
+    batch, seq = parse_shape(shape)
+    cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
+    rig = _Rig(cfg, seed=0, first=plan, segments=plan.segments)
+    budget = rig.check()
+    if not budget.ok:
+        raise SystemExit(f"{shape}: plan {plan.mask} failed its check against fp32: {budget.reason}")
+    facts = segment_table(cfg)
+    whole = rig.time(rig.launchers())
+    segments = []
+    for seg in plan.segments:
+        stats = rig.time(rig.launchers([rig.library.index(seg)]))
+        moved, flops = facts[seg]["boundary_bytes"], facts[seg]["gemm_flops"]
+        us = stats["median"]
+        segments.append({"segment": seg.name, "ops": list(seg.ops), "us": us, "p20": stats["p20"], "p80": stats["p80"],
+                         "boundary_bytes": moved, "tbs": moved / (us * 1e-6) / 1e12,
+                         "gemm_tflops": flops / (us * 1e-6) / 1e12 if flops else None})
+    return {"shape": shape, "mask": plan.mask, "dtype": dtype, "error": budget.candidate_error,
+            "plan_us": whole["median"], "plan_p20": whole["p20"], "plan_p80": whole["p80"],
+            "segments_sum_us": sum(s["us"] for s in segments), "segments": segments, "copies": copy_rates(cfg)}
+
+
+def print_shape(row: dict) -> None:
+    print(f"\n{row['shape']} plan {row['mask']} ({row['dtype']}): {row['plan_us']:.1f} µs "
+          f"({row['plan_p20']:.1f}–{row['plan_p80']:.1f}); kernels alone sum to {row['segments_sum_us']:.1f} µs; "
+          f"error vs fp32 {row['error']:.2e}")
+    copies = row["copies"]
+    tensor = copies["tensor_bytes"]
+    print(f"  SM copies of [B·S, hidden]: read 1 + write 1 {copies['read1_write1_us']:.1f} µs "
+          f"({2 * tensor / copies['read1_write1_us'] / 1e6:.2f} TB/s), read 2 + write 1 "
+          f"{copies['read2_write1_us']:.1f} µs ({3 * tensor / copies['read2_write1_us'] / 1e6:.2f} TB/s)")
+    for s in row["segments"]:
+        gemm = f", GEMMs {s['gemm_tflops']:.0f} TFLOP/s" if s["gemm_tflops"] else ""
+        print(f"  {s['segment']:<16} {s['us']:8.1f} µs ({s['p20']:.1f}–{s['p80']:.1f})  "
+              f"{s['boundary_bytes'] / 1e6:7.1f} MB at {s['tbs']:.2f} TB/s{gemm}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--plan", type=int, default=48934, help="plan mask (default: the large-shape winner)")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    from fusionsearch.mask import decode
+
+    plan = decode(args.plan)
+    rows = []
+    for shape in args.shapes:
+        rows.append(bench_shape(shape, plan, args.dtype))
+        print_shape(rows[-1])
+        if args.out:  # after every shape, so a cut run keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
