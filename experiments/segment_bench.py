@@ -38,7 +38,7 @@ def bench_shape(shape: str, plan, dtype: str) -> dict:
 
     batch, seq = parse_shape(shape)
     cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
-    rig = _Rig(cfg, seed=0, first=plan, segments=plan.segments)
+    rig = _Rig(cfg, seed=0, first=plan)  # the library of every segment: the sweeps' and reports' build cache
     budget = rig.check()
     if not budget.ok:
         raise SystemExit(f"{shape}: plan {plan.mask} failed its check against fp32: {budget.reason}")

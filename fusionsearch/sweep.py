@@ -36,13 +36,12 @@ SWEEP_TIMING = {"warmup": 1, "min_repeats": 3, "max_repeats": 7, "target_ms": 5.
 
 
 class _Rig:
-    """Rotated weight/input sets of one shape with one layer each, switched from plan to plan (among those whose
-    segments the library holds: every segment unless `segments` is given)."""
+    """Rotated weight/input sets of one shape with one layer each, switched from plan to plan."""
 
-    def __init__(self, cfg: LayerConfig, seed: int, first: Plan, segments: "tuple[Segment, ...] | None" = None):
+    def __init__(self, cfg: LayerConfig, seed: int, first: Plan):
         self.cfg = cfg
         dtype = torch_dtype(cfg.dtype)
-        self.library = KernelLibrary.get(cfg, segments)
+        self.library = KernelLibrary.get(cfg)
         self.weights32 = LayerWeights.random(cfg, seed=seed, device="cuda")
         self.sets = []
         for k in range(rotation_count(cfg)):
