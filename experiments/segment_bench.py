@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-SHAPES = ["1x32", "1x128", "8x128", "16x128", "16x512", "64x128", "64x512"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summarize_sweeps import SHAPE_ORDER  # noqa: E402
 
 
 def copy_rates(cfg) -> dict:
@@ -74,7 +77,7 @@ def print_shape(row: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=SHAPE_ORDER)
     parser.add_argument("--plan", type=int, default=48934, help="plan mask (default: the large-shape winner)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
