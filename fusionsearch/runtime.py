@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .build import LibrarySpec, library_spec, load_library
+from .build import LibrarySpec, current_arch, library_spec, load_library
 from .layout import LAYER_TENSORS, splitk_workspace, workspace_shape
 from .config import LayerConfig
 from .errors import ConfigError
@@ -25,9 +25,19 @@ class KernelLibrary:
 
     @classmethod
     def get(cls, cfg: LayerConfig, segments: "tuple[Segment, ...] | None" = None) -> "KernelLibrary":
-        """Build or load the kernels of `segments` (default: every segment) for cfg's kernel signature."""
-        spec = library_spec(cfg, segments)
-        return cls(spec, load_library(spec))
+        """Build or load the kernels of `segments` (default: every segment) for cfg's kernel signature.
+
+        Where this process already loaded the library of every segment for that signature, it serves any subset:
+        its units are rendered the same way, and a plan's own library would cost a build (a minute with CUTLASS
+        units) for kernels already in memory."""
+        key = (tuple(sorted(cfg.kernel_signature().items())), current_arch())  # a spec's signature and arch
+        if segments is not None and key in _FULL_LIBRARIES:
+            return _FULL_LIBRARIES[key]
+        spec = library_spec(cfg, segments, key[1])
+        library = cls(spec, load_library(spec))
+        if segments is None:
+            _FULL_LIBRARIES[key] = library
+        return library
 
     def index(self, segment: Segment) -> int:
         try:
@@ -40,6 +50,10 @@ class KernelLibrary:
         """Launch kernels in order on the current stream; `tensors` maps LAYER_TENSORS names to tensors."""
         empty = _empty_like_any(tensors)
         self.module.run(kernel_ids, [tensors.get(name, empty) for name in LAYER_TENSORS], batch, seq_len, eps, scale)
+
+
+# Libraries of every segment loaded in this process, by (kernel signature, arch).
+_FULL_LIBRARIES: "dict[tuple, KernelLibrary]" = {}
 
 
 def _empty_like_any(tensors: dict) -> torch.Tensor:

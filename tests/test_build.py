@@ -123,3 +123,19 @@ def test_missing_cutlass_headers_fail_the_build_with_the_package_to_install(monk
     spec = library_spec(LayerConfig(), (Segment(10, 11),), arch="90")
     with pytest.raises(BuildError, match=r"pip install 'nvidia-cutlass==4\.2\.0\.0'"):
         build.include_dirs(spec)
+
+
+def test_a_loaded_full_library_serves_any_plan_of_its_signature(monkeypatch):
+    from fusionsearch import runtime
+    monkeypatch.setenv("FUSIONSEARCH_CUDA_ARCH", "90")
+    monkeypatch.setattr(runtime, "_FULL_LIBRARIES", {})
+    loaded = []
+    monkeypatch.setattr(runtime, "load_library", lambda spec: loaded.append(spec) or object())
+    own = runtime.KernelLibrary.get(LayerConfig(), FEW)  # no full library yet: the plan's own
+    assert own.spec.segment_names == tuple(s.name for s in FEW) and len(loaded) == 1
+    full = runtime.KernelLibrary.get(LayerConfig())
+    assert len(full.spec.segment_names) == 150 and len(loaded) == 2
+    assert runtime.KernelLibrary.get(LayerConfig(batch=3, seq_len=70), FEW) is full  # shape is not in the key
+    assert full.index(FEW[1]) == full.spec.segment_names.index("seg_02_05_fa")
+    other = runtime.KernelLibrary.get(LayerConfig(dtype="bf16"), FEW)  # another signature builds its own
+    assert other is not full and len(loaded) == 3
