@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "cute/tensor.hpp"
@@ -21,13 +20,10 @@
 #include "cutlass/util/packed_stride.hpp"
 #include "fs_args.h"
 #include "fs_common.cuh"
+#include "fs_sm90.cuh"
 
 namespace fs::sm90 {
 using namespace cute;
-
-template <class T> struct CutlassType;
-template <> struct CutlassType<half> { using type = cutlass::half_t; };
-template <> struct CutlassType<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
 
 using Acc = float;
 using LayoutX = cutlass::layout::RowMajor;
@@ -184,48 +180,13 @@ template <int OP> using FewRowSegmentConfig = std::conditional_t<
 template <int OP> using FewerRowSegmentConfig = std::conditional_t<
     OP == 10, FewRowSegmentConfig<OP>, Config<Shape<_64, _96, _64>, Shape<_1, _1, _1>, Pingpong>>;
 using SomeRowSegmentConfig = Config<Shape<_64, _64, _64>, Shape<_1, _1, _1>, Pingpong>;
-// FFN1 + GELU from kWideRows rows on a GPU whose DRAM peaks at kWideBytesPerSecond or more (H200): pingpong 128×128
-// tiles, whose GELU epilogue runs under the other warp group's main loop. The H200 probe: 74.6 against 78.0 µs at
-// 8192 rows, 276.5 against 297.7 at 32768; on the H100 (3.35 TB/s) the cooperative tiles stay 3–8 % ahead.
-using WideBusFfn1Config = Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>;
-constexpr int kWideRows = 8192;
-constexpr double kWideBytesPerSecond = 4.5e12;
+// FFN1 + GELU from kPingpongRows rows: pingpong 128×128 tiles, whose GELU epilogue runs under the other warp
+// group's main loop. Alone at 32768 rows: 277.5 against 285.8 µs for the cooperative tiles on an H100
+// (experiments/results/ffn1-tiles-h100/), 276.5 against 297.7 on an H200 (experiments/NOTES.md).
+using PingpongFfn1Config = Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>;
+constexpr int kPingpongRows = 8192;
 
 __host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
-
-// Whether the current device is sm_90. The kernels above exist only in sm_90a builds; a library rebuilt for
-// another GPU (an exported plan) keeps to its generated kernels.
-inline bool on_sm90() {
-  static int capability[64] = {0};  // major·10 + minor per device, 0 until asked
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  if (capability[device] == 0) {
-    int major = 0, minor = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-      return false;
-    capability[device] = major * 10 + minor;
-  }
-  return capability[device] == 90;
-}
-
-// Whether the current device's DRAM peaks at kWideBytesPerSecond or more (memory clock × bus width, double data rate).
-// FUSIONSEARCH_WIDE_BUS=0 or 1 overrides the answer, so both tile choices can be timed on one GPU.
-inline bool wide_memory_bus() {
-  static const char* forced = std::getenv("FUSIONSEARCH_WIDE_BUS");
-  if (forced != nullptr && (forced[0] == '0' || forced[0] == '1') && forced[1] == '\0') return forced[0] == '1';
-  static signed char wide[64] = {0};  // 1 wide, -1 not, 0 until asked
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  if (wide[device] == 0) {
-    int clock_khz = 0, bus_bits = 0;
-    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) != cudaSuccess)
-      return false;
-    wide[device] = 2.0 * clock_khz * 1e3 * bus_bits / 8 >= kWideBytesPerSecond ? 1 : -1;
-  }
-  return wide[device] == 1;
-}
 
 // Launch one segment configuration as a CUDA error code (cudaErrorNotSupported: nothing was launched).
 template <class E, class Cfg, class FusionOp> cudaError_t launch_segment_gemm(const Problem& p, cudaStream_t stream) {
@@ -258,7 +219,7 @@ template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a,
                   OP == 7 ? a.x : OP == 10 ? nullptr : a.attn_out,
                   OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res};
   if constexpr (OP == 10) {
-    if (p.M >= kWideRows && wide_memory_bus()) return launch_segment_gemm<E, WideBusFfn1Config, FusionOp>(p, stream);
+    if (p.M >= kPingpongRows) return launch_segment_gemm<E, PingpongFfn1Config, FusionOp>(p, stream);
   }
   if (p.M >= kManyRows) return launch_segment_gemm<E, SegmentConfig<OP>, FusionOp>(p, stream);
   if (p.M < kSomeRows) return launch_segment_gemm<E, SomeRowSegmentConfig, FusionOp>(p, stream);
