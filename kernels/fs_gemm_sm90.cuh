@@ -162,7 +162,8 @@ constexpr int kMinRows = 65;
 // The configuration per GEMM + epilogue and row range, from experiments/cutlass_probe.py (H100,
 // experiments/results/cutlass-probe-h100.md):
 // - from kManyRows on, the fastest at 4096–32768 rows: 128×256 cooperative tiles on a 2×1 cluster for FFN1 +
-//   GELU, 128×128 pingpong tiles for the two N = hidden GEMMs + bias + residual;
+//   GELU (below kPingpongRows, see PingpongFfn1Config), 128×128 pingpong tiles for the two N = hidden GEMMs + bias
+//   + residual;
 // - below kManyRows, tiles sized so that 1024–2048 rows make about one wave of 132 SMs: 128×192 cooperative tiles
 //   on a 2×1 cluster for FFN1 + GELU (128 tiles at 1024 rows), and for the N = hidden GEMMs 128×96 cooperative
 //   tiles from kFewRows (128 tiles at 2048 rows) or 64×96 pingpong tiles below it (128 tiles at 1024 rows);

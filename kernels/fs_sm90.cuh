@@ -1,5 +1,4 @@
-// What the sm_90a kernels (fs_gemm_sm90.cuh, fs_attention_sm90.cuh) share: CUTLASS's element types and the test
-// for an sm_90 device.
+// What the sm_90a kernel headers share: CUTLASS's element types and the test for an sm_90 device.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
