@@ -34,11 +34,13 @@ def timed_build(dtype: str, cache: str) -> tuple[float, int]:
 
 def device_facts() -> dict:
     import torch
+
+    from fusionsearch.resources import sources_hash
     props = torch.cuda.get_device_properties(0)
     return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count,
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "kernel_sources_hash": sources_hash()}
 
 
 # Imported by the test modules at collection time, or (cutlass_library: its headers) needed by the Hopper GEMM
@@ -93,7 +95,8 @@ def main() -> int:
     counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
     lines = [f"# GPU test suite, {summary['date']}", "",
              f"Device: {facts['gpu']} (sm {facts['capability']}, {facts['sm_count']} SMs), torch {facts['torch']}, "
-             f"CUDA {facts['cuda']}, {facts['nvcc']}, {facts['cpus']} CPU cores.", "",
+             f"CUDA {facts['cuda']}, {facts['nvcc']}, {facts['cpus']} CPU cores; kernel sources hash "
+             f"{facts['kernel_sources_hash']}.", "",
              "Command: `PYTHONPATH=. python experiments/gpu_suite.py --out $OUT`"
              + (f" with `--pytest-args {args.pytest_args!r}`" if args.pytest_args else ""), ""]
     if builds:
