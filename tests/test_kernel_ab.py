@@ -1,0 +1,59 @@
+"""experiments/kernel_ab.py and plan_ab.py without a GPU: the patched copy, the A/B table, and bad input."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_is_a_copy_of_the_code_with_the_patch_applied_and_this_tree_untouched(tmp_path):
+    ab = _load("kernel_ab")
+    patch = ROOT / "experiments" / "patches" / "attention-128-key-tiles.patch"
+    variant = ab.patched_copy(patch, tmp_path / "variant")
+    assert "Q_IN_REGS" in (variant / "kernels" / "fs_attention.cuh").read_text()
+    assert "Q_IN_REGS" not in (ROOT / "kernels" / "fs_attention.cuh").read_text()
+    assert (variant / "fusionsearch" / "runtime.py").is_file() and (variant / "experiments" / "plan_ab.py").is_file()
+    assert not (variant / "experiments" / "data").exists() and not (variant / ".git").exists()
+
+
+def test_a_patch_that_does_not_apply_stops_with_its_name(tmp_path):
+    ab = _load("kernel_ab")
+    bad = tmp_path / "stale.patch"
+    bad.write_text("--- a/kernels/fs_attention.cuh\n+++ b/kernels/fs_attention.cuh\n@@ -1,1 +1,1 @@\n"
+                   "-no such line in the file\n+replacement\n")
+    with pytest.raises(SystemExit, match="stale.patch does not apply"):
+        ab.patched_copy(bad, tmp_path / "variant")
+
+
+def test_table_gives_each_trees_medians_by_round_and_the_change_of_the_means():
+    ab = _load("kernel_ab")
+
+    def row(plan: float, attention: float) -> dict:
+        return {"dtype": "fp16", "shape": "64x512", "mask": 48932, "plan": {"median": plan},
+                "segments": {"seg_01_06_fa": {"median": attention}}}
+
+    runs = {"base": [[row(1000.0, 200.0)], [row(1010.0, 210.0)]],
+            "variant": [[row(990.0, 230.0)], [row(1000.0, 240.0)]]}
+    lines = ab.table(runs)
+    assert lines[2] == "| fp16 | 64x512 (48932) | plan | 1000.0 / 1010.0 | 990.0 / 1000.0 | -1.0 % |"
+    assert lines[3] == "| fp16 | 64x512 (48932) | seg_01_06_fa | 200.0 / 210.0 | 230.0 / 240.0 | +14.6 % |"
+
+
+def test_a_case_must_be_shape_and_mask():
+    plan_ab = _load("plan_ab")
+    assert plan_ab.parse_case("16x128:48996") == ("16x128", 48996)
+    with pytest.raises(argparse.ArgumentTypeError, match="write e.g. 64x512:48932"):
+        plan_ab.parse_case("16x128")
