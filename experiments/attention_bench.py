@@ -4,7 +4,9 @@
 
 Each row: our segment kernel alone (reading Q/K/V heads, key-padding bias, writing context heads), SDPA with
 the same additive key mask (what a padded BERT batch runs), and SDPA without a mask (its flash backend). All
-three are checked against an fp32 softmax(QKᵀ)V before timing; timings are CUDA events over graph replays.
+three are checked against an fp32 softmax(QKᵀ)V before timing; timings are CUDA events over graph replays. Each
+row also names the GPU kernels each of them launched, so the SDPA backend behind a figure is on record.
+For a profiler, --only runs one of the three (ncu -k regex:fs_seg for ours, regex:flash for SDPA's).
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ def main() -> int:
     parser.add_argument("--seqs", nargs="+", type=int, default=[128, 256, 512, 1024])
     parser.add_argument("--tokens", type=int, default=32768, help="batch × sequence length per row")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    parser.add_argument("--ours-only", action="store_true", help="run only our kernel (for profilers)")
+    parser.add_argument("--only", choices=["ours", "sdpa_mask", "sdpa_flash_nomask"], default=None,
+                        help="check and time only this one (for profilers)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     from fusionsearch.config import LayerConfig
     from fusionsearch.plan import Plan, Segment
     from fusionsearch.runtime import FusedEncoderLayer, KernelLibrary, key_bias
-    from fusionsearch.timing import time_cuda_graph
+    from fusionsearch.timing import launched_kernels, time_cuda_graph
     from fusionsearch.verify import random_inputs
     from fusionsearch.weights import LayerWeights, torch_dtype
 
@@ -64,23 +67,22 @@ def main() -> int:
         row = {"batch": batch, "seq": seq, "dtype": args.dtype,
                "flops": 4.0 * batch * cfg.heads * seq * seq * cfg.head_size}
         row["ours_rel_err"] = float((ctx.float() - ref).norm() / ref.norm())
-        row["ours"] = time_cuda_graph(ours)
-        if not args.ours_only:
-            sdpa = torch.nn.functional.scaled_dot_product_attention
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if args.only in (None, "sdpa_mask"):
             out = sdpa(q, k, v, attn_mask=additive)
             row["sdpa_mask_rel_err"] = float((out.float() - ref).norm() / ref.norm())
-            row["sdpa_mask"] = time_cuda_graph(lambda: sdpa(q, k, v, attn_mask=additive))
-            row["sdpa_flash_nomask"] = time_cuda_graph(lambda: sdpa(q, k, v))
-        for name in ("ours", "sdpa_mask", "sdpa_flash_nomask"):
-            if name in row:
+        runs = {"ours": ours, "sdpa_mask": lambda: sdpa(q, k, v, attn_mask=additive),
+                "sdpa_flash_nomask": lambda: sdpa(q, k, v)}
+        row["kernels"] = {}
+        for name, fn in runs.items():
+            if args.only in (None, name):
+                row[name] = time_cuda_graph(fn)
                 row[name]["tflops"] = row["flops"] / (row[name]["median"] * 1e-6) / 1e12
+                row["kernels"][name] = launched_kernels(fn)
         rows.append(row)
-        line = f"B={batch} S={seq}: ours {row['ours']['median']:.1f} µs ({row['ours']['tflops']:.0f} TFLOP/s, " \
-               f"err {row['ours_rel_err']:.1e})"
-        if not args.ours_only:
-            line += (f"; SDPA+mask {row['sdpa_mask']['median']:.1f} µs; SDPA flash no mask "
-                     f"{row['sdpa_flash_nomask']['median']:.1f} µs")
-        print(line, flush=True)
+        timed = "; ".join(f"{name} {row[name]['median']:.1f} µs ({row[name]['tflops']:.0f} TFLOP/s)"
+                          for name in runs if name in row)
+        print(f"B={batch} S={seq}: {timed}; our error {row['ours_rel_err']:.1e}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

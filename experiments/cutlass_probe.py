@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusionsearch.reference import relative_error as rel_error  # noqa: E402  (NaN from a skipped row stays NaN)
 from fusionsearch.resources import cutlass_include_dirs, kernels_dir  # noqa: E402
-from fusionsearch.timing import time_cuda_graph  # noqa: E402
+from fusionsearch.timing import launched_kernels, time_cuda_graph  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "cutlass_probe"
 # name: (N, K, fused epilogues) of y[M, N] = x[M, K]·W[N, K]ᵀ in a BERT-base layer
@@ -120,18 +120,6 @@ def stats(fn, flops: float) -> dict:
     return result
 
 
-def library_kernels(fn) -> list[str]:
-    """Names of the GPU kernels fn launches (cuBLAS names carry their tile and schedule)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sorted({event.key for event in prof.key_averages() if event.device_time_total > 0})
-
-
 class Problem:
     """Random operands of one BERT GEMM at `rows` rows, the fp32 references and the cuBLAS calls."""
 
@@ -182,7 +170,7 @@ def best_cutlass(module, problem: Problem, epilogue, configs: list[str]) -> dict
 def measure(module, rows: int, name: str, configs: list[str]) -> dict:
     problem = Problem(name, rows)
     row = {"gemm": name, "M": rows, "N": problem.shape[1], "K": GEMMS[name][1], "flops": problem.flops,
-           "cublas_kernels": library_kernels(problem.cublas(None))}
+           "cublas_kernels": launched_kernels(problem.cublas(None))}
     for epilogue in (None, *problem.epilogues):
         label = epilogue or "plain"
         library = problem.cublas(epilogue)

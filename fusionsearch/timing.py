@@ -222,3 +222,20 @@ def time_eager(fn: Callable, *, warmup: int = DEFAULT_WARMUP, min_repeats: int =
         end.record()
     torch.cuda.synchronize()
     return summarize([start.elapsed_time(end) * 1000.0 / calls for start, end in pairs])
+
+
+def launched_kernels(fn: Callable) -> list[str]:
+    """Names of the GPU kernels one call of fn launches (after a warm-up call): which backend or tile a library
+    picked shows in them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        raise TimingError("listing the kernels a call launches needs a CUDA GPU and torch.cuda.is_available() is "
+                          "False; run it on a GPU machine")
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({event.key for event in prof.key_averages() if event.device_time_total > 0})
