@@ -38,7 +38,7 @@ def test_a_patch_that_does_not_apply_stops_with_its_name(tmp_path):
         ab.patched_copy(bad, tmp_path / "variant")
 
 
-def test_table_gives_each_trees_medians_by_round_and_the_change_of_the_means():
+def test_table_gives_each_trees_medians_by_round_and_each_variants_change_of_the_means():
     ab = _load("kernel_ab")
 
     def row(plan: float, attention: float) -> dict:
@@ -46,10 +46,14 @@ def test_table_gives_each_trees_medians_by_round_and_the_change_of_the_means():
                 "segments": {"seg_01_06_fa": {"median": attention}}}
 
     runs = {"base": [[row(1000.0, 200.0)], [row(1010.0, 210.0)]],
-            "variant": [[row(990.0, 230.0)], [row(1000.0, 240.0)]]}
+            "tiles": [[row(990.0, 230.0)], [row(1000.0, 240.0)]],
+            "ring": [[row(1005.0, 205.0)], [row(1005.0, 205.0)]]}
     lines = ab.table(runs)
-    assert lines[2] == "| fp16 | 64x512 (48932) | plan | 1000.0 / 1010.0 | 990.0 / 1000.0 | -1.0 % |"
-    assert lines[3] == "| fp16 | 64x512 (48932) | seg_01_06_fa | 200.0 / 210.0 | 230.0 / 240.0 | +14.6 % |"
+    assert lines[0].count("µs by round") == 3 and lines[1].count("---") == 8
+    assert lines[2] == ("| fp16 | 64x512 (48932) | plan | 1000.0 / 1010.0 | 990.0 / 1000.0 | -1.0 % | "
+                        "1005.0 / 1005.0 | +0.0 % |")
+    assert lines[3] == ("| fp16 | 64x512 (48932) | seg_01_06_fa | 200.0 / 210.0 | 230.0 / 240.0 | +14.6 % | "
+                        "205.0 / 205.0 | +0.0 % |")
 
 
 def test_a_case_must_be_shape_and_mask():
@@ -57,3 +61,12 @@ def test_a_case_must_be_shape_and_mask():
     assert plan_ab.parse_case("16x128:48996") == ("16x128", 48996)
     with pytest.raises(argparse.ArgumentTypeError, match="write e.g. 64x512:48932"):
         plan_ab.parse_case("16x128")
+
+
+def test_variants_need_distinct_patch_names(tmp_path, capsys, monkeypatch):
+    ab = _load("kernel_ab")
+    patch = ROOT / "experiments" / "patches" / "attention-128-key-tiles.patch"
+    monkeypatch.setattr(sys, "argv", ["kernel_ab.py", "--patch", str(patch), str(patch), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        ab.main()
+    assert stop.value.code == 2 and "distinct name" in capsys.readouterr().err
