@@ -89,14 +89,18 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
     const int bh = item / q_tiles;
     return static_cast<long long>(bh / D::heads) * S * kRowStride + (bh % D::heads) * D::d;
   };
+  // A thread copies the same 16-byte column of every kRowStep-th row: its addresses are worked out once per
+  // call and then stepped by constants (per-chunk 64-bit address arithmetic was a fifth of a key tile's work).
   auto load_rows = [&](T* dst, const T* src, long long head_off, int row0, auto rows_tag) {
-    constexpr int rows = decltype(rows_tag)::value;
-    static_assert(rows * (D::d / 8) % F::GROUP_THREADS == 0, "16-byte chunks split evenly over the group");
+    constexpr int rows = decltype(rows_tag)::value, kChunks = D::d / 8, kRowStep = F::GROUP_THREADS / kChunks;
+    static_assert(F::GROUP_THREADS % kChunks == 0 && rows % kRowStep == 0, "16-byte chunks split evenly over the group");
+    const int r = tid / kChunks, col = (tid % kChunks) * 8, rows_left = S - row0 - r;
+    const T* from = src + head_off + static_cast<long long>(row0 + r) * kRowStride + col;
+    T* to = dst + r * F::STRIDE + col;
 #pragma unroll
-    for (int i = 0; i < rows * (D::d / 8) / F::GROUP_THREADS; ++i) {
-      const int c = i * F::GROUP_THREADS + tid, r = c / (D::d / 8), col = (c % (D::d / 8)) * 8;
-      const bool ok = row0 + r < S;
-      cp_async16(dst + r * F::STRIDE + col, ok ? src + head_off + (row0 + r) * kRowStride + col : src, ok);
+    for (int i = 0; i < rows / kRowStep; ++i) {  // rows past S are zero-filled from the tensor's first element
+      const bool ok = i * kRowStep < rows_left;
+      cp_async16(to + i * kRowStep * F::STRIDE, ok ? from + static_cast<long long>(i) * kRowStep * kRowStride : src, ok);
     }
   };
   // Where an item's inputs start: its head in Q, K and V, and its sequence's row of the key-mask bias. Worked
