@@ -133,7 +133,12 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
 
   uint32_t qf[MT][DK][4];
   float o[MT][D::d / 8][4];
-  float m_run[MT][2], l_run[MT][2];  // per MMA tile, rows lane/4 and lane/4 + 8
+  float m_run[MT][2];  // per MMA tile, rows lane/4 and lane/4 + 8
+  // Row sums of the probabilities as the tensor cores see them (rounded to T), accumulated by one more MMA per
+  // k-step, P·1: an accumulator tile whose columns all hold the row's sum, {0, 1} for row lane/4 and {2, 3} for
+  // lane/4 + 8. It costs an MMA per 16 keys where a sum in registers cost an add per score and two shuffles.
+  float l_run[MT][4];
+  const uint32_t ones[2] = {pack_pair<T>(1.f, 1.f), pack_pair<T>(1.f, 1.f)};
   while (true) {
     cp_async_wait<0>();
     if (tid < F::BKV) {
@@ -172,7 +177,7 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
 #pragma unroll
         for (int n = 0; n < D::d / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
         m_run[mt][0] = m_run[mt][1] = -FLT_MAX;
-        l_run[mt][0] = l_run[mt][1] = 0.f;
+        l_run[mt][0] = l_run[mt][1] = l_run[mt][2] = l_run[mt][3] = 0.f;
       }
     }
     const bool last_tile = kv + 1 == kv_tiles;
@@ -249,8 +254,9 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
           const float m_new = fmaxf(m_run[mt][r], tile_max[mt][r]);
           corr[r] = fast_exp2(m_run[mt][r] - m_new);
           m_run[mt][r] = m_new;
-          l_run[mt][r] *= corr[r];
         }
+        l_run[mt][0] *= corr[0]; l_run[mt][1] *= corr[0];
+        l_run[mt][2] *= corr[1]; l_run[mt][3] *= corr[1];
 #pragma unroll
         for (int n = 0; n < D::d / 8; ++n) {
           o[mt][n][0] *= corr[0]; o[mt][n][1] *= corr[0];
@@ -259,20 +265,13 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
       }
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      float row_sum[2] = {0.f, 0.f};
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int n = 0; n < F::BKV / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[mt][n][e] = fast_exp2(s[mt][n][e] - m_run[mt][e / 2]);
-          row_sum[e / 2] += s[mt][n][e];
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) l_run[mt][r] += row_sum[r];
-    }
+        for (int e = 0; e < 4; ++e) s[mt][n][e] = fast_exp2(s[mt][n][e] - m_run[mt][e / 2]);
 
-    // O += P·V: the score accumulators are already laid out as A fragments.
+    // O += P·V and l += P·1: the score accumulators are already laid out as A fragments.
 #pragma unroll
     for (int kk = 0; kk < F::BKV / 16; ++kk) {
       uint32_t pf[MT][4];
@@ -282,6 +281,7 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
         pf[mt][1] = pack_pair<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
         pf[mt][2] = pack_pair<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pf[mt][3] = pack_pair<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        mma16816<T>(l_run[mt], pf[mt], ones);
       }
 #pragma unroll
       for (int nj = 0; nj < D::d / 16; ++nj) {
@@ -297,7 +297,7 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
     }
 
     if (last_tile) {
-      // Row sums are split across the four lanes of a quad; each warp stages its rows for 16-byte stores.
+      // Each warp stages its rows for 16-byte stores.
       T* staged = sO + warp * ROWS * F::STRIDE;
       const int bh = item / q_tiles, b = bh / D::heads, h = bh % D::heads;
       // Operator 1's V bias (zero without FROM_QKV), at this lane's columns n·8 + (lane % 4)·2 + {0, 1}.
@@ -306,10 +306,7 @@ __device__ void attention_op(const LayerArgs& a, char* smem) {
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float l = l_run[mt][r];
-          l += __shfl_xor_sync(0xffffffffu, l, 1);
-          l += __shfl_xor_sync(0xffffffffu, l, 2);
-          const float inv = 1.f / l;
+          const float inv = 1.f / l_run[mt][2 * r];
 #pragma unroll
           for (int n = 0; n < D::d / 8; ++n) {
             const float b0 = FROM_QKV ? to_f(v_bias[n * 8]) : 0.f, b1 = FROM_QKV ? to_f(v_bias[n * 8 + 1]) : 0.f;
