@@ -1,4 +1,6 @@
 """Where a kernel's warps wait, from an ncu source export: stall samples by reason, by phase, and the top instructions.
+With the export's executed-instruction counts (ncu's SourceCounters section), also the executed instructions by
+opcode: two kernels that issue at the same rate differ in time by what they execute.
 
     ncu -k regex:NAME -c 1 --section WarpStateStats --section SourceCounters -o report python ...
     ncu --import report.ncu-rep --page source --csv --print-source sass > sass.csv
@@ -14,6 +16,7 @@ import csv
 from collections import Counter
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
+EXECUTED = "Instructions Executed"
 PHASE_MARKS = ("ATOM.E.ADD.STRONG.GPU", "SYNCS.PHASECHK")
 
 
@@ -21,6 +24,23 @@ def read(path: str) -> tuple[list[str], list[list[str]]]:
     rows = list(csv.reader(open(path, newline="")))
     header = next(i for i, row in enumerate(rows) if "Source" in row and SAMPLES in row)
     return rows[header], [row for row in rows[header + 1:] if len(row) == len(rows[header])]
+
+
+def opcode(source: str) -> str:
+    """'@!P0 HMMA.16816.F32 R8, …' → 'HMMA': the predicate and the modifiers dropped."""
+    words = source.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0].split(".")[0] if words else "?"
+
+
+def executed_by_opcode(header: list[str], rows: list[list[str]]) -> Counter:
+    """Warp-level instructions executed per opcode (ncu writes counts with thousands separators)."""
+    src, executed = header.index("Source"), header.index(EXECUTED)
+    mix = Counter()
+    for row in rows:
+        mix[opcode(row[src])] += float(row[executed].replace(",", "") or 0)
+    return mix
 
 
 def main() -> int:
@@ -58,6 +78,13 @@ def main() -> int:
     for row in sorted(rows, key=lambda r: -value(r, samples))[:args.top]:
         reason = max(reasons, key=lambda i: value(row, i))
         print(f"{row[0][-6:]} {value(row, samples) / total:5.1%}  {row[src].strip()[:60]:60s} {header[reason][6:]}")
+
+    if EXECUTED in header:
+        mix = executed_by_opcode(header, rows)
+        executed = sum(mix.values())
+        print(f"\nexecuted: {executed:.4g} warp instructions; by opcode")
+        for name, count in mix.most_common(args.top):
+            print(f"{name:12s} {count:12.4g} {count / executed:6.1%}")
     return 0
 
 

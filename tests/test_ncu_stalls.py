@@ -42,3 +42,20 @@ def test_phases_are_cut_at_weight_waits_and_barriers(tmp_path, capsys, monkeypat
     assert phases == [["10.0%", "no_inst", "100%"], ["30.0%", "no_inst", "100%"], ["60.0%", "barrier", "100%"]]
     top = out.split("top 2 instructions")[1].strip().splitlines()
     assert top[0].startswith("0x50 60.0%") and top[0].endswith("barrier") and "HMMA" in top[1]
+
+
+def test_executed_instructions_are_counted_by_opcode(tmp_path, capsys, monkeypatch):
+    export = tmp_path / "sass.csv"
+    with open(export, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_math"])
+        writer.writerows([("0x10", "HMMA.16816.F32 R8, R12, R16, R8", 5, "3,000", 5),
+                          ("0x20", "@!P1 HMMA.16816.F32 R4, R12, R18, R4", 3, "1,000", 3),
+                          ("0x30", "FADD.FTZ R1, R2, R3", 2, "4000", 2)])
+    monkeypatch.setattr("sys.argv", ["ncu_stalls.py", str(export), "--top", "3"])
+    assert _load().main() == 0
+    out = capsys.readouterr().out
+    assert "executed: 8000 warp instructions" in out
+    mix = out.split("by opcode")[1].strip().splitlines()
+    assert [line.split()[0] for line in mix] == ["HMMA", "FADD"]
+    assert mix[0].split()[1:] == ["4000", "50.0%"]
