@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from collections import Counter
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 EXECUTED = "Instructions Executed"
 PHASE_MARKS = ("ATOM.E.ADD.STRONG.GPU", "SYNCS.PHASECHK")
+PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 
 
 def read(path: str) -> tuple[list[str], list[list[str]]]:
@@ -26,20 +28,19 @@ def read(path: str) -> tuple[list[str], list[list[str]]]:
     return rows[header], [row for row in rows[header + 1:] if len(row) == len(rows[header])]
 
 
-def opcode(source: str) -> str:
-    """'@!P0 HMMA.16816.F32 R8, …' → 'HMMA': the predicate and the modifiers dropped."""
-    words = source.split()
-    if words and words[0].startswith("@"):
-        words = words[1:]
-    return words[0].split(".")[0] if words else "?"
+def opcode(instruction: str) -> str:
+    """'@!P0 HMMA.16816.F32 R8, …' → 'HMMA.16816.F32': the predicate dropped ('?' for an empty line)."""
+    words = PREDICATE.sub("", instruction.strip()).split()
+    return words[0] if words else "?"
 
 
 def executed_by_opcode(header: list[str], rows: list[list[str]]) -> Counter:
-    """Warp-level instructions executed per opcode (ncu writes counts with thousands separators)."""
+    """Warp-level instructions executed per opcode without its modifiers (ncu writes counts with thousands
+    separators)."""
     src, executed = header.index("Source"), header.index(EXECUTED)
     mix = Counter()
     for row in rows:
-        mix[opcode(row[src])] += float(row[executed].replace(",", "") or 0)
+        mix[opcode(row[src]).split(".")[0]] += float(row[executed].replace(",", "") or 0)
     return mix
 
 

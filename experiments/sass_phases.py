@@ -25,11 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ncu_stalls import PHASE_MARKS  # noqa: E402
+from ncu_stalls import PHASE_MARKS, opcode  # noqa: E402
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 SECTION = re.compile(r"^\s*\.section\s+\.text\.(\S+?),")
-PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 
 
 @dataclass
@@ -56,10 +55,6 @@ def kernels(sass: str) -> dict[str, list[tuple[int, str]]]:
         if match and current is not None:
             current.append((int(match.group(1), 16), match.group(2)))
     return found
-
-
-def opcode(instruction: str) -> str:
-    return PREDICATE.sub("", instruction).split()[0]
 
 
 def phases(code: list[tuple[int, str]]) -> list[Phase]:
