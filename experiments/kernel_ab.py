@@ -3,7 +3,7 @@
     PYTHONPATH=. python experiments/kernel_ab.py --patch experiments/patches/A.patch [B.patch ...] --out DIR \
         [--rounds 2] [--dtypes fp16] [--cases 64x512:48932 ...] [--check-attention]
 
-Each variant is a copy of this checkout's code (fusionsearch/, kernels/, templates/, experiments/*.py) with one
+Each variant is a copy of this checkout's code (fusionsearch/, kernels/, templates/, experiments/*.py, tests/) with one
 patch applied (`git apply`, or `patch -p1` where git is missing) and is named after the patch file. Every tree
 builds its plans' libraries into a cache of its own, all at once, then `plan_ab.py` runs base, each variant, base,
 each variant, ... so that a drift of the machine shows up as a difference between rounds rather than between
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = ("fusionsearch", "kernels", "templates", "experiments", "pyproject.toml")
+CODE = ("fusionsearch", "kernels", "templates", "experiments", "tests", "pyproject.toml")
 NOT_CODE = ("data", "results", "patches", "__pycache__")
 
 

@@ -25,7 +25,7 @@ from .resources import cutlass_include_dirs, kernels_dir
 # NDEBUG: CUTLASS keeps device-side asserts otherwise, which cost its GEMMs 10-15 % (experiments/cutlass_probe.py).
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-diag-suppress=177", "-DNDEBUG")
 CXX_FLAGS = ("-O2", "-std=c++17")
-CUTLASS_HEADER = "fs_gemm_sm90.cuh"  # the one kernel header built on CUTLASS
+CUTLASS_HEADERS = ("fs_gemm_sm90.cuh", "fs_attention_sm90.cuh")  # the kernel headers built on CUTLASS / CuTe
 
 
 class BuildError(FusionSearchError):
@@ -186,8 +186,8 @@ _LOADED: dict[str, object] = {}
 
 
 def needs_cutlass(spec: LibrarySpec) -> bool:
-    """Whether a unit includes the Hopper GEMM header, so the build needs the CUTLASS headers."""
-    return any(f'#include "{CUTLASS_HEADER}"' in unit.source for unit in spec.units)
+    """Whether a unit includes a Hopper kernel header, so the build needs the CUTLASS headers."""
+    return any(f'#include "{header}"' in unit.source for unit in spec.units for header in CUTLASS_HEADERS)
 
 
 def include_dirs(spec: LibrarySpec) -> list[str]:

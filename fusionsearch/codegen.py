@@ -13,8 +13,8 @@ from .errors import ConfigError
 from .layout import INPUT_TENSORS, LAYER_TENSORS
 from .plan import Segment
 from .resources import templates_dir
-from .schedule import (blocks_per_sm, few_item_stages, hopper_gemm, prefetched_weights, resident_weight_ops,
-                       resident_weight_stages, stages_of, uses_library_gemm)
+from .schedule import (blocks_per_sm, few_item_stages, hopper_attention, hopper_gemm, prefetched_weights,
+                       resident_weight_ops, resident_weight_stages, stages_of, uses_library_gemm)
 
 CTYPES = {"fp16": "half", "bf16": "__nv_bfloat16"}
 
@@ -50,11 +50,13 @@ def render_segment(segment: Segment, cfg: LayerConfig, arch: str) -> GeneratedUn
     resident = resident_weight_stages(segment) if hopper_arch else None
     if resident:
         kernels.append(_kernel(env, resident, "_resident", "the same stages with resident weights, for few rows"))
-    # On Hopper a GEMM + epilogue segment also carries the CUTLASS path it takes at many rows.
+    # On Hopper a GEMM + epilogue segment also carries the CUTLASS path it takes at many rows, and the attention
+    # stage alone its warpgroup-MMA kernel for long sequences.
     hopper = hopper_gemm(segment) if hopper_arch else None
+    attention = hopper_attention(segment) if hopper_arch and cfg.head_size == 64 else None
     context = {"version": __version__, "segment": segment, "dtype": cfg.dtype, "ctype": _ctype(cfg),
                "arch_label": f"sm_{arch}", "dims": _dims(cfg), "kernels": kernels, "hopper_gemm": hopper,
-               "prefetch_ops": prefetched_weights(segment)}
+               "hopper_attention": attention, "prefetch_ops": prefetched_weights(segment)}
     template = env.get_template("segment.cu.j2")
     # The name carries a hash of the source it names, so different code never shares a symbol.
     draft = template.render(**context, kernel_name="KERNEL", source_hash="-")

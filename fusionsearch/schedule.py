@@ -69,6 +69,14 @@ def hopper_gemm(segment: Segment) -> "Stage | None":
     return stage if fits else None
 
 
+def hopper_attention(segment: Segment) -> "Stage | None":
+    """The stage of a segment that is the attention stage alone (with or without the QKV split before it and the
+    merged-head store after it), which sm_90 runs on warpgroup MMAs from fs::sm90::kAttentionMinSeq keys on; None
+    for any other segment."""
+    stages = stages_of(segment)
+    return stages[0] if len(stages) == 1 and stages[0].kind == "attention" else None
+
+
 def stages_of(segment: Segment) -> tuple[Stage, ...]:
     """Split a segment into stages following the fusion rules in the module docstring."""
     stages: list[Stage] = []

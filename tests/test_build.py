@@ -105,12 +105,14 @@ def test_arch_list_for_cpp_extension_keeps_the_feature_suffix_and_hopper_builds_
             assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
 
 
-def test_cutlass_headers_join_the_build_only_for_hopper_gemm_segments():
+def test_cutlass_headers_join_the_build_only_for_hopper_gemm_and_attention_segments():
     from fusionsearch.resources import cutlass_include_dirs, kernels_dir
-    hopper = library_spec(LayerConfig(), (Segment(0, 9), Segment(10, 11), Segment(12, 14)), arch="90")
-    assert build.needs_cutlass(hopper)
-    assert build.include_dirs(hopper) == [str(kernels_dir()), *cutlass_include_dirs()]
-    for arch, segments in (("80", (Segment(0, 9), Segment(10, 11), Segment(12, 14))), ("90", FEW)):
+    for segments in ((Segment(0, 9), Segment(10, 11), Segment(12, 14)), (Segment(0, 1), Segment(2, 5, True))):
+        hopper = library_spec(LayerConfig(), segments, arch="90")
+        assert build.needs_cutlass(hopper)
+        assert build.include_dirs(hopper) == [str(kernels_dir()), *cutlass_include_dirs()]
+    for arch, segments in (("80", (Segment(0, 9), Segment(10, 11), Segment(12, 14))), ("80", FEW),
+                           ("90", (Segment(0, 1), Segment(2, 7, True), Segment(8, 10)))):
         spec = library_spec(LayerConfig(), segments, arch=arch)
         assert not build.needs_cutlass(spec)
         assert build.include_dirs(spec) == [str(kernels_dir())]

@@ -11,7 +11,7 @@ from fusionsearch.codegen import environment, render_binding, render_segment
 from fusionsearch.config import LayerConfig
 from fusionsearch.plan import Segment, all_segments
 from fusionsearch.resources import kernels_dir
-from fusionsearch.schedule import (few_item_stages, hopper_gemm, resident_weight_stages, stages_of,
+from fusionsearch.schedule import (few_item_stages, hopper_attention, hopper_gemm, resident_weight_stages, stages_of,
                                    uses_library_gemm)
 
 GENERATED = [s for s in all_segments() if not uses_library_gemm(s)]
@@ -82,6 +82,19 @@ def test_only_hopper_gemm_segments_on_sm90_carry_the_cutlass_path():
                 assert "if (err != cudaErrorNotSupported) return err;" in source  # else the generated kernel runs
 
 
+def test_only_lone_attention_segments_on_sm90_with_head_size_64_carry_the_warpgroup_attention_path():
+    other_heads = LayerConfig(heads=6, head_size=128)
+    for segment in GENERATED:
+        for arch, cfg in (("90", BERT), ("90a", BERT), ("80", BERT), ("100", BERT), ("90", other_heads)):
+            source = render_segment(segment, cfg, arch).source
+            expected = hopper_attention(segment) is not None and arch.startswith("90") and cfg.head_size == 64
+            assert ('#include "fs_attention_sm90.cuh"' in source) == expected, (segment.name, arch, cfg.head_size)
+            if expected:
+                stage = hopper_attention(segment)
+                flags = f"{str(stage.merge_heads).lower()}, {str(stage.split_prologue).lower()}"
+                assert f"fs::sm90::segment_attention<T, Dims, {flags}>(a, stream)" in source
+
+
 def test_segment_kernels_prefetch_the_weights_of_later_gemm_stages():
     source = render_segment(Segment(0, 14, True), BERT, "90").source
     prefetches = [line.strip() for line in source.splitlines() if "prefetch_weights_l2" in line]
@@ -137,6 +150,20 @@ def test_resident_weight_dealing_covers_every_weight_once(tmp_path):
     assert sorted(smem) == list(range(96, 301))
 
 
+@pytest.mark.nvcc
+def test_warpgroup_attention_copies_step_by_constants_in_the_swizzled_layouts(tmp_path):
+    # fs_attention_sm90.cuh works out each thread's shared-memory address once and steps it by 16 rows a copy.
+    from fusionsearch.resources import cutlass_include_dirs
+    binary = tmp_path / "attention_sm90_layout_check"
+    fixture = Path(__file__).parent / "fixtures" / "attention_sm90_layout_check.cu"
+    includes = [f"-I{d}" for d in (kernels_dir(), *cutlass_include_dirs())]
+    build = subprocess.run(["nvcc", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-diag-suppress=177", *includes,
+                            str(fixture), "-o", str(binary)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["0", "0", "0", "0"], run.stdout[-2000:]
+
+
 def test_templates_reject_undefined_names():
     env = environment()
     assert env.undefined is jinja2.StrictUndefined
@@ -181,6 +208,8 @@ def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path)
         assert "mma.sync.aligned.m16n8k16" in ptx
     if hopper_gemm(segment):  # many rows: warpgroup MMA on operands that TMA brings in
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    if hopper_attention(segment):  # long sequences: warpgroup MMA, P·V with P from registers
+        assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.bf16\.bf16 \{[^}]*\},\s*\{%r", ptx)
 
 
 def ptxas_resources(stderr: str) -> dict[str, tuple[int, int]]:

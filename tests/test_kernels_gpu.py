@@ -108,6 +108,54 @@ def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_row
     assert not failures, "\n".join(failures)
 
 
+# The attention stage alone in its kernel, in each of its forms: reading split heads or the QKV GEMM output, storing
+# heads or merged rows.
+ATTENTION_SEGMENTS = (Segment(2, 5, True), Segment(1, 5, True), Segment(2, 6, True), Segment(1, 6, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_from_256_keys(dtype):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from fusionsearch.verify import verify_segment
+
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    failures = []
+    # 255 keys: below the switch (the mma.sync kernel); 256 exactly two tiles of queries and keys; ragged tiles of
+    # both at 2×499 and 3×300; 1024 keys: eight key tiles.
+    for batch, seq in ((2, 255), (2, 256), (2, 499), (3, 300), (1, 1024)):
+        cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
+        library, weights = library_for(cfg), _weights(cfg)
+        for segment in ATTENTION_SEGMENTS:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                budget = verify_segment(library, segment, weights, cfg, seed=batch + seq)
+            names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+            wgmma = any("wgmma_attention_kernel" in n for n in names)
+            expect_wgmma = sm90 and seq >= 256  # fs::sm90::kAttentionMinSeq
+            if not budget.ok or wgmma != expect_wgmma:
+                failures.append(f"{segment.name} at {batch}x{seq}: {budget.reason or 'ok'}, warpgroup-MMA kernel ran: "
+                                f"{wgmma}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("seq", [40, 300])
+def test_fully_masked_entry_matches_unfused_attention(seq):
+    import torch
+    from fusionsearch.runtime import FusedEncoderLayer
+
+    cfg = LayerConfig(batch=2, seq_len=seq)
+    weights = _weights(cfg)
+    cuts = set(range(1, 15)) - {3, 4, 5}
+    fused = FusedEncoderLayer(Plan.from_cuts(cuts, attention=True), weights, cfg, library=library_for(cfg))
+    unfused = FusedEncoderLayer(Plan.from_cuts(cuts), weights, cfg, library=library_for(cfg))
+    x = torch.randn(2, seq, cfg.hidden, device="cuda", dtype=torch.float16)
+    mask = torch.ones(2, seq, dtype=torch.int64, device="cuda")
+    mask[1] = 0
+    out = fused(x, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, unfused(x, mask), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("attention", [False, True])
 def test_fully_masked_batch_entry_gives_no_nan(attention):
     import torch
@@ -201,6 +249,7 @@ def _sass_by_function(library_path: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump")
 def test_gemm_bearing_kernels_use_tensor_cores():
+    import torch
     from fusionsearch.build import build_dir
 
     cfg = LayerConfig()
@@ -217,3 +266,6 @@ def test_gemm_bearing_kernels_use_tensor_cores():
             assert re.search(r"\b(HMMA|HGMMA)\b", body), f"{unit.kernel_name} has no tensor-core instruction"
             checked += 1
     assert checked >= 100
+    if torch.cuda.get_device_capability() == (9, 0):  # the attention segments' warpgroup-MMA kernels (mangled names)
+        wgmma = [body for name, body in sass.items() if "wgmma_attention_kernel" in name]
+        assert len(wgmma) == 4 and all(re.search(r"\bHGMMA\b", body) for body in wgmma)

@@ -2,8 +2,8 @@
 from dataclasses import replace
 
 from fusionsearch.plan import Segment, all_segments
-from fusionsearch.schedule import (barrier_count, blocks_per_sm, few_item_stages, hopper_gemm, prefetched_weights,
-                                   stages_of, tensors_written)
+from fusionsearch.schedule import (barrier_count, blocks_per_sm, few_item_stages, hopper_attention, hopper_gemm,
+                                   prefetched_weights, stages_of, tensors_written)
 
 
 def _shape(segment):
@@ -68,6 +68,14 @@ def test_hopper_gemm_segments_are_exactly_a_linear_gemm_with_its_epilogue():
     assert hopper_gemm(Segment(6, 8)) is None  # merge-heads prologue: CUTLASS reads plain rows only
     assert hopper_gemm(Segment(10, 10)) is None  # a lone GEMM goes to cuBLAS
     assert hopper_gemm(Segment(0, 1)) is None  # the QKV split writes a head layout
+
+
+def test_hopper_attention_segments_are_the_attention_stage_alone():
+    hopper = {seg.name for seg in all_segments() if hopper_attention(seg)}
+    assert hopper == {"seg_01_05_fa", "seg_01_06_fa", "seg_02_05_fa", "seg_02_06_fa"}
+    assert hopper_attention(Segment(2, 7, True)) is None  # the output GEMM shares the kernel
+    assert hopper_attention(Segment(2, 5)) is None  # no attention flag: scores are materialised
+    assert all(hopper_attention(seg).kind == "attention" for seg in all_segments() if hopper_attention(seg))
 
 
 def test_weights_of_later_gemm_stages_are_prefetched_at_kernel_start():
