@@ -2,12 +2,13 @@
 
     ncu --clock-control none -k regex:seg_10_11 -c 1 \
         python experiments/profile_segment.py --shape 64x512 --segment 10-11 [--attention] [--dtype fp16]
-    ncu --clock-control none -k 'regex:fs_seg|device_kernel|nvjet' -c 7 \
+    ncu --clock-control none -k 'regex:fs_seg|device_kernel|wgmma_attention|nvjet' -c 7 \
         python experiments/profile_segment.py --shape 64x512 --plan 48934
 
 With --segment the plan cuts at every operator boundary outside the segment, so the other kernels only fill its
 inputs. Kernels come from the library of every segment (the one sweeps and reports build), so a warm cache costs
-no build. Kernel names: fs_seg_AA_BB (generated), cutlass device_kernel (Hopper GEMM segments), nvjet/sm90 (cuBLAS).
+no build. Kernel names: fs_seg_AA_BB (generated), cutlass device_kernel (Hopper GEMM segments),
+wgmma_attention_kernel (the attention segment alone on sm_90 from 256 keys), nvjet/sm90 (cuBLAS).
 """
 from __future__ import annotations
 
