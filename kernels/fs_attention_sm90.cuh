@@ -26,8 +26,11 @@ namespace fs::sm90 {
 using namespace cute;
 
 // From this sequence length on, the attention segment runs here (one key tile is all a shorter sequence has, and
-// with it nothing to overlap).
-constexpr int kAttentionMinSeq = 256;
+// with it nothing to overlap); below kLongTileSeq on 64-key tiles, with fewer registers and four blocks an SM.
+constexpr int kAttentionMinSeq = 128;
+constexpr int kLongTileSeq = 256;
+// From this many key tiles on, a block skips the tiles past its sequence's last open key (padding).
+constexpr int kSkipPaddingMinTiles = 4;
 
 template <class T, class D, int BKV_, int BLOCKS> struct WgmmaAttention {
   using E = typename CutlassType<T>::type;
@@ -49,6 +52,7 @@ template <class T, class D, int BKV_, int BLOCKS> struct WgmmaAttention {
     alignas(1024) E k[cosize_v<LayoutK>];
     alignas(1024) E v[cosize_v<LayoutVt>];
     float bias[2][BKV];
+    int last_open[kThreads / 32];  // per warp, the last key of the sequence that is not masked
   };
   static constexpr int kSmemBytes = int(sizeof(Smem)) + 1024;  // + room to align the base to 1024 bytes
 };
@@ -226,6 +230,23 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   load_rows(Q, q0, q_dst, Int<BQ>{});
   load_k(0);
   cp_async_commit();
+  // A padded sequence ends in masked keys. Past its last open key a tile adds exp2(-FLT_MAX - m) = 0 to every
+  // sum and never moves a row's (finite) maximum, so the key loop stops after the last tile with an open key;
+  // the results are the same bits. The scan runs under the copies above. A sequence with no open key runs every
+  // tile, for the uniform softmax the reference gives. Below kSkipPaddingMinTiles tiles there is little to skip
+  // and the scan cost more than it saved (+3 % at 256 keys on the H100).
+  {
+    int last_open = -1;
+    if (a.key_bias != nullptr && kv_tiles >= kSkipPaddingMinTiles) {
+      const float* row_bias = a.key_bias + static_cast<long long>(b) * S;
+      for (int key = tid; key < S; key += W::kThreads)
+        if (row_bias[key] * kLog2e > -FLT_MAX) last_open = key;  // open as finish_bias sees it
+    } else {
+      last_open = S - 1;
+    }
+    last_open = __reduce_max_sync(0xffffffffu, last_open);
+    if (lane == 0) sm.last_open[warp] = last_open;
+  }
   cp_async_wait<0>();
   if constexpr (FROM_QKV) {
     // Operator 1's Q bias on the chunks this thread copied, rounded to T as the split would store it.
@@ -245,8 +266,15 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   finish_bias(0);
   fence_async_shared();
   __syncthreads();
+  int kv_end = kv_tiles;
+  {
+    int last_open = sm.last_open[0];
+    CUTE_UNROLL
+    for (int w = 1; w < W::kThreads / 32; ++w) last_open = max(last_open, sm.last_open[w]);
+    if (last_open >= 0) kv_end = last_open / BKV + 1;
+  }
   load_v(0);
-  if (kv_tiles > 1) load_k(1);
+  if (kv_end > 1) load_k(1);
   cp_async_commit();
   wgmma_batch<true>(mma_s, tSrQ, tSrK(_, _, _, 0), tSrS);
   warpgroup_wait<0>();
@@ -254,13 +282,13 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   softmax.update(tSrS, sm.bias[0], scale_log2, lane, corr);
   to_p();
 
-  for (int kv = 1; kv < kv_tiles; ++kv) {
+  for (int kv = 1; kv < kv_end; ++kv) {
     cp_async_wait<0>();  // K_kv and V_{kv-1}
     finish_bias(kv);
     fence_async_shared();
     __syncthreads();  // every warp is done with K_{kv-1} and V_{kv-2}, whose buffers refill now
     load_v(kv);
-    if (kv + 1 < kv_tiles) load_k(kv + 1);
+    if (kv + 1 < kv_end) load_k(kv + 1);
     cp_async_commit();
     wgmma_batch<true>(mma_s, tSrQ, tSrK(_, _, _, kv % 2), tSrS);
     wgmma_batch<false>(mma_o, tOrP, tOrV(_, _, _, (kv - 1) % 2), tOrO);
@@ -275,7 +303,7 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   cp_async_wait<0>();  // V of the last tile
   fence_async_shared();
   __syncthreads();
-  wgmma_batch<false>(mma_o, tOrP, tOrV(_, _, _, (kv_tiles - 1) % 2), tOrO);
+  wgmma_batch<false>(mma_o, tOrP, tOrV(_, _, _, (kv_end - 1) % 2), tOrO);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
 
@@ -308,11 +336,8 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
 #endif
 }
 
-// The attention stage on an sm_90 GPU. cudaErrorNotSupported: not an sm_90 GPU or a shorter sequence than
-// kAttentionMinSeq; nothing was launched and the caller runs its own kernel.
-template <class T, class D, bool MERGE_HEADS, bool FROM_QKV, int BKV = 128, int BLOCKS = 3>
-cudaError_t segment_attention(const LayerArgs& a, cudaStream_t stream) {
-  if (a.seq < kAttentionMinSeq || !on_sm90()) return cudaErrorNotSupported;
+template <class T, class D, bool MERGE_HEADS, bool FROM_QKV, int BKV, int BLOCKS>
+cudaError_t launch_attention(const LayerArgs& a, cudaStream_t stream) {
   using W = WgmmaAttention<T, D, BKV, BLOCKS>;
   const auto kernel = wgmma_attention_kernel<T, D, BKV, BLOCKS, MERGE_HEADS, FROM_QKV>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, W::kSmemBytes);
@@ -320,6 +345,15 @@ cudaError_t segment_attention(const LayerArgs& a, cudaStream_t stream) {
   const long long blocks = static_cast<long long>(a.batch) * D::heads * ceil_div(a.seq, W::BQ);
   kernel<<<static_cast<unsigned>(blocks), W::kThreads, W::kSmemBytes, stream>>>(a);
   return cudaGetLastError();
+}
+
+// The attention stage on an sm_90 GPU. cudaErrorNotSupported: not an sm_90 GPU or a shorter sequence than
+// kAttentionMinSeq; nothing was launched and the caller runs its own kernel.
+template <class T, class D, bool MERGE_HEADS, bool FROM_QKV>
+cudaError_t segment_attention(const LayerArgs& a, cudaStream_t stream) {
+  if (a.seq < kAttentionMinSeq || !on_sm90()) return cudaErrorNotSupported;
+  if (a.seq < kLongTileSeq) return launch_attention<T, D, MERGE_HEADS, FROM_QKV, 64, 4>(a, stream);
+  return launch_attention<T, D, MERGE_HEADS, FROM_QKV, 128, 3>(a, stream);
 }
 
 }  // namespace fs::sm90

@@ -233,7 +233,8 @@ def test_attention_kernel_alone_fits_its_registers_without_spilling_in_the_hot_l
     assert resources[unit.kernel_name][1] == 0 and resources[unit.kernel_name][0] <= 255  # 32 rows, 1 block/SM
     few_registers, few_spills = resources[unit.kernel_name + "_few_items"]
     assert few_registers <= 128 and few_spills == 0  # 64-row items at 2 blocks/SM: none since 575f2a64
-    # On sm_90a the same unit carries the warpgroup-MMA kernel for 256 keys and more: 3 blocks/SM, 168 registers.
+    # On sm_90a the same unit carries the warpgroup-MMA kernels for 128 keys and more: 64-key tiles at 4 blocks/SM
+    # below 256 keys, 128-key tiles at 3 blocks/SM and 168 registers from 256 on.
     # With the merged-head store it spills 12 bytes in its key-tile loop (95aa68cc); no more than that.
     warpgroup = [resources[name] for name in resources if "wgmma_attention_kernel" in name]
     assert warpgroup and all(registers <= 168 and spills <= 12 for registers, spills in warpgroup)

@@ -114,16 +114,16 @@ ATTENTION_SEGMENTS = (Segment(2, 5, True), Segment(1, 5, True), Segment(2, 6, Tr
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_from_256_keys(dtype):
+def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_from_128_keys(dtype):
     import torch
     from torch.profiler import ProfilerActivity, profile
     from fusionsearch.verify import verify_segment
 
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     failures = []
-    # 255 keys: below the switch (the mma.sync kernel); 256 exactly two tiles of queries and keys; ragged tiles of
-    # both at 2×499 and 3×300; 1024 keys: eight key tiles.
-    for batch, seq in ((2, 255), (2, 256), (2, 499), (3, 300), (1, 1024)):
+    # 127 keys: below the switch (the mma.sync kernel); 128 and 255: 64-key tiles, ragged at 255; 256 exactly two
+    # tiles of queries and keys; ragged tiles of both at 2×499 and 3×300; 1024 keys: eight key tiles.
+    for batch, seq in ((2, 127), (2, 128), (2, 255), (2, 256), (2, 499), (3, 300), (1, 1024)):
         cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
         library, weights = library_for(cfg), _weights(cfg)
         for segment in ATTENTION_SEGMENTS:
@@ -131,14 +131,14 @@ def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_f
                 budget = verify_segment(library, segment, weights, cfg, seed=batch + seq)
             names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
             wgmma = any("wgmma_attention_kernel" in n for n in names)
-            expect_wgmma = sm90 and seq >= 256  # fs::sm90::kAttentionMinSeq
+            expect_wgmma = sm90 and seq >= 128  # fs::sm90::kAttentionMinSeq
             if not budget.ok or wgmma != expect_wgmma:
                 failures.append(f"{segment.name} at {batch}x{seq}: {budget.reason or 'ok'}, warpgroup-MMA kernel ran: "
                                 f"{wgmma}")
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("seq", [40, 300])
+@pytest.mark.parametrize("seq", [40, 300, 600])  # 600: five key tiles, where the padded-tail skip runs
 def test_fully_masked_entry_matches_unfused_attention(seq):
     import torch
     from fusionsearch.runtime import FusedEncoderLayer
@@ -268,4 +268,5 @@ def test_gemm_bearing_kernels_use_tensor_cores():
     assert checked >= 100
     if torch.cuda.get_device_capability() == (9, 0):  # the attention segments' warpgroup-MMA kernels (mangled names)
         wgmma = [body for name, body in sass.items() if "wgmma_attention_kernel" in name]
-        assert len(wgmma) == 4 and all(re.search(r"\bHGMMA\b", body) for body in wgmma)
+        # four attention segments, each with 64- and 128-key tiles
+        assert len(wgmma) == 8 and all(re.search(r"\bHGMMA\b", body) for body in wgmma)
