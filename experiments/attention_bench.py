@@ -7,7 +7,7 @@ the same additive key mask (what a padded BERT batch runs), and SDPA without a m
 three are checked against an fp32 softmax(QKᵀ)V before timing; timings are CUDA events over graph replays. Each
 row also names the GPU kernels each of them launched, so the SDPA backend behind a figure is on record.
 For a profiler, --only runs one of the three and names no kernels (ncu -k 'regex:fs_seg|wgmma_attention' for
-ours: on sm_90 from 256 keys the segment launches fs::sm90::wgmma_attention_kernel; the SDPA kernel's name
+ours: on sm_90 from 128 keys the segment launches fs::sm90::wgmma_attention_kernel; the SDPA kernel's name
 from an earlier run for SDPA).
 """
 from __future__ import annotations

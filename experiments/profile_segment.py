@@ -8,7 +8,7 @@
 With --segment the plan cuts at every operator boundary outside the segment, so the other kernels only fill its
 inputs. Kernels come from the library of every segment (the one sweeps and reports build), so a warm cache costs
 no build. Kernel names: fs_seg_AA_BB (generated), cutlass device_kernel (Hopper GEMM segments),
-wgmma_attention_kernel (the attention segment alone on sm_90 from 256 keys), nvjet/sm90 (cuBLAS).
+wgmma_attention_kernel (the attention segment alone on sm_90 from 128 keys), nvjet/sm90 (cuBLAS).
 """
 from __future__ import annotations
 
