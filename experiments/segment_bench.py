@@ -8,6 +8,10 @@ CUDA events over graph replays, weights and inputs rotated past the L2), so they
 Per segment: median µs (p20–p80), the bytes it must move across its boundary (each tensor once), the rate that
 implies, and the TFLOP/s of its GEMMs. The copies are elementwise kernels over [B·S, hidden] tensors: one read +
 one write (a LayerNorm alone) and two reads + one write (bias + residual + LayerNorm).
+
+With --hold SECONDS each kernel (and the whole plan) is also replayed back to back for that long while nvidia-smi
+reads the SM clock and power (`clock_hold.py`): a kernel slower than its tensor-core work suggests may be
+issue-bound or held to a lower clock by the power limit, and only a steady hold tells which.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clock_hold import hold  # noqa: E402
 from summarize_sweeps import SHAPE_ORDER  # noqa: E402
 
 
@@ -34,7 +39,7 @@ def copy_rates(cfg) -> dict:
     return {"read1_write1_us": mul["median"], "read2_write1_us": add["median"], "tensor_bytes": x.nbytes}
 
 
-def bench_shape(shape: str, plan, dtype: str) -> dict:
+def bench_shape(shape: str, plan, dtype: str, hold_s: float = 0.0) -> dict:
     from fusionsearch.config import LayerConfig, parse_shape
     from fusionsearch.features import segment_table
     from fusionsearch.sweep import _Rig
@@ -49,21 +54,34 @@ def bench_shape(shape: str, plan, dtype: str) -> dict:
     whole = rig.time(rig.launchers())
     segments = []
     for seg in plan.segments:
-        stats = rig.time(rig.launchers([rig.library.index(seg)]))
+        calls = rig.launchers([rig.library.index(seg)])
+        stats = rig.time(calls)
         moved, flops = facts[seg]["boundary_bytes"], facts[seg]["gemm_flops"]
         us = stats["median"]
         segments.append({"segment": seg.name, "ops": list(seg.ops), "us": us, "p20": stats["p20"], "p80": stats["p80"],
                          "boundary_bytes": moved, "tbs": moved / (us * 1e-6) / 1e12,
                          "gemm_tflops": flops / (us * 1e-6) / 1e12 if flops else None})
-    return {"shape": shape, "mask": plan.mask, "dtype": dtype, "error": budget.candidate_error,
-            "plan_us": whole["median"], "plan_p20": whole["p20"], "plan_p80": whole["p80"],
-            "segments_sum_us": sum(s["us"] for s in segments), "segments": segments, "copies": copy_rates(cfg)}
+        if hold_s:
+            segments[-1]["hold"] = hold(calls, hold_s)
+    row = {"shape": shape, "mask": plan.mask, "dtype": dtype, "error": budget.candidate_error,
+           "plan_us": whole["median"], "plan_p20": whole["p20"], "plan_p80": whole["p80"],
+           "segments_sum_us": sum(s["us"] for s in segments), "segments": segments, "copies": copy_rates(cfg)}
+    if hold_s:
+        row["plan_hold"] = hold(rig.launchers(), hold_s)
+    return row
+
+
+def hold_text(h: dict | None) -> str:
+    if not h:
+        return ""
+    return (f"  held: {h['us_per_call']:.1f} µs at {h['sm_mhz']:.0f} MHz (min {h['sm_mhz_min']:.0f}), "
+            f"{h['power_w']:.0f} W, reasons {h['event_reasons']}")
 
 
 def print_shape(row: dict) -> None:
     print(f"\n{row['shape']} plan {row['mask']} ({row['dtype']}): {row['plan_us']:.1f} µs "
           f"({row['plan_p20']:.1f}–{row['plan_p80']:.1f}); kernels alone sum to {row['segments_sum_us']:.1f} µs; "
-          f"error vs fp32 {row['error']:.2e}")
+          f"error vs fp32 {row['error']:.2e}{hold_text(row.get('plan_hold'))}")
     copies = row["copies"]
     tensor = copies["tensor_bytes"]
     print(f"  SM copies of [B·S, hidden]: read 1 + write 1 {copies['read1_write1_us']:.1f} µs "
@@ -72,7 +90,7 @@ def print_shape(row: dict) -> None:
     for s in row["segments"]:
         gemm = f", GEMMs {s['gemm_tflops']:.0f} TFLOP/s" if s["gemm_tflops"] else ""
         print(f"  {s['segment']:<16} {s['us']:8.1f} µs ({s['p20']:.1f}–{s['p80']:.1f})  "
-              f"{s['boundary_bytes'] / 1e6:7.1f} MB at {s['tbs']:.2f} TB/s{gemm}")
+              f"{s['boundary_bytes'] / 1e6:7.1f} MB at {s['tbs']:.2f} TB/s{gemm}{hold_text(s.get('hold'))}")
 
 
 def main() -> int:
@@ -81,13 +99,15 @@ def main() -> int:
     parser.add_argument("--plan", type=int, default=48934, help="plan mask (default: the large-shape winner)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+                        help="also replay each kernel this long and read the SM clock and power (0: off)")
     args = parser.parse_args()
     from fusionsearch.mask import decode
 
     plan = decode(args.plan)
     rows = []
     for shape in args.shapes:
-        rows.append(bench_shape(shape, plan, args.dtype))
+        rows.append(bench_shape(shape, plan, args.dtype, args.hold))
         print_shape(rows[-1])
         if args.out:  # after every shape, so a cut run keeps what it measured
             with open(args.out, "w") as f:

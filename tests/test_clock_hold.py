@@ -1,0 +1,40 @@
+"""experiments/clock_hold.py: reading nvidia-smi's clock, power and event-reason samples (no GPU needed)."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("clock_hold", ROOT / "experiments" / "clock_hold.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_sampler(text: str) -> subprocess.Popen:
+    """A process that prints what nvidia-smi would, then idles until it is terminated, as the sampler does."""
+    script = f"import sys, time; sys.stdout.write({text!r}); sys.stdout.flush(); time.sleep(30)"
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def test_samples_are_parsed_and_unreadable_lines_skipped():
+    clock_hold = _load()
+    proc = _fake_sampler("1980, 352.10, 0x0000000000000000\n"
+                         "[N/A], 410.00, 0x0000000000000004\n"
+                         "1365, 699.50, 0x0000000000000004\n"
+                         "garbage\n")
+    time.sleep(1.0)  # let it print before it is stopped
+    samples = clock_hold._read_samples(proc)
+    assert samples == [(1980.0, 352.1, 0), (1365.0, 699.5, 4)]
+    assert proc.returncode is not None  # stopped, not left running
+
+
+def test_the_query_asks_for_clock_power_and_reasons_in_that_order():
+    # _read_samples reads the fields by position.
+    assert _load().QUERY.split(",") == ["clocks.sm", "power.draw", "clocks_event_reasons.active"]
