@@ -41,9 +41,11 @@ struct Pingpong {
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
 };
 
-template <class Tile, class Cluster, class Schedule, class Scheduler = cutlass::gemm::PersistentScheduler>
+template <class Tile, class Cluster, class Schedule, class Scheduler = cutlass::gemm::PersistentScheduler,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct Config {
   using TileShape = Tile;
+  using EpilogueTile = EpiTile;
   using ClusterShape = Cluster;
   using KernelSchedule = typename Schedule::Kernel;
   using EpilogueSchedule = typename Schedule::Epilogue;
@@ -81,12 +83,33 @@ template <class E> using BiasGelu =
     cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::GELU, E, Acc, E, E, Acc>;
 template <class E> using BiasGeluFast = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<GeluErfFast, E, Acc, E, E, Acc>;
 
+// y = gelu_erf_fast(acc + bias) with no source tensor C. LinCombPerColBiasEltAct computes beta·C + (alpha·acc + bias)
+// for every element, C converted from storage even when beta = 0; in FFN1 + GELU that work runs on the epilogue's
+// critical path. The marker is resolved per tile shape (the bias broadcast needs it) by Fusion below.
+template <class E> struct BiasGeluLean {};
+
+template <class FusionOp, class Tile> struct Fusion {
+  using Callbacks = FusionOp;
+  template <class E> using SourceElement = E;
+};
+template <class E, class Tile> struct Fusion<BiasGeluLean<E>, Tile> {
+  using Callbacks = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<GeluErfFast, E, Acc, cutlass::FloatRoundStyle::round_to_nearest>,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Acc, Acc, cutlass::FloatRoundStyle::round_to_nearest>,
+          cutlass::epilogue::fusion::Sm90AccFetch,
+          cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, E, Acc, Stride<_0, _1, int64_t>,
+                                                      128 / cutlass::sizeof_bits<E>::value>>>;
+  template <class> using SourceElement = void;  // no C: no source loads, no C in shared memory
+};
+
 template <class E, class Cfg, class FusionOp> struct Gemm {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<E>::value;  // 16-byte TMA rows
+  using Fused = Fusion<FusionOp, typename Cfg::TileShape>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Cfg::TileShape, typename Cfg::ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc, E, LayoutY, kAlign, E, LayoutY, kAlign,
-      typename Cfg::EpilogueSchedule, FusionOp>::CollectiveOp;
+      typename Cfg::EpilogueTile, Acc, Acc, typename Fused::template SourceElement<E>, LayoutY,
+      kAlign, E, LayoutY, kAlign, typename Cfg::EpilogueSchedule, typename Fused::Callbacks>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E, LayoutX, kAlign, E, LayoutW, kAlign, Acc,
       typename Cfg::TileShape, typename Cfg::ClusterShape,
@@ -125,9 +148,13 @@ typename Gemm<E, Cfg, FusionOp>::Device::Arguments arguments(const Problem& p, O
       {p.M, p.N, p.K, 1},
       {static_cast<const E*>(p.x), stride_x, static_cast<const E*>(p.w), stride_w},
       {{}, c, stride_y, static_cast<E*>(p.y), stride_y}};
-  args.epilogue.thread.alpha = 1.f;
-  args.epilogue.thread.beta = p.residual ? 1.f : 0.f;
-  if constexpr (!std::is_same_v<FusionOp, Plain<E>>) args.epilogue.thread.bias_ptr = static_cast<const E*>(p.bias);
+  if constexpr (std::is_same_v<FusionOp, BiasGeluLean<E>>) {
+    args.epilogue.thread = {{{}, {static_cast<const E*>(p.bias), E(0), {}}, {}}, {}};  // ((acc, bias, +), GELU)
+  } else {
+    args.epilogue.thread.alpha = 1.f;
+    args.epilogue.thread.beta = p.residual ? 1.f : 0.f;
+    if constexpr (!std::is_same_v<FusionOp, Plain<E>>) args.epilogue.thread.bias_ptr = static_cast<const E*>(p.bias);
+  }
   using Raster = typename Kernel::TileScheduler::RasterOrderOptions;
   args.scheduler.raster_order = options.raster == 1 ? Raster::AlongM : options.raster == 2 ? Raster::AlongN
                                                                                               : Raster::Heuristic;
@@ -184,7 +211,8 @@ using SomeRowSegmentConfig = Config<Shape<_64, _64, _64>, Shape<_1, _1, _1>, Pin
 // FFN1 + GELU from kPingpongRows rows: pingpong 128×128 tiles, whose GELU epilogue runs under the other warp
 // group's main loop. Alone at 32768 rows: 277.5 against 285.8 µs for the cooperative tiles on an H100
 // (experiments/results/ffn1-tiles-h100/), 276.5 against 297.7 on an H200 (experiments/NOTES.md).
-using PingpongFfn1Config = Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong>;
+using PingpongFfn1Config =
+    Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong, cutlass::gemm::PersistentScheduler, Shape<_64, _64>>;
 constexpr int kPingpongRows = 8192;
 
 __host__ __device__ constexpr bool has_segment_gemm(int op) { return op == 7 || op == 10 || op == 12; }
@@ -210,7 +238,7 @@ template <class T, class D, int OP> cudaError_t segment_gemm(const LayerArgs& a,
   static_assert(has_segment_gemm(OP), "only out_gemm, ffn1_gemm and ffn2_gemm have a CUTLASS segment");
   if (!on_sm90()) return cudaErrorNotSupported;
   using E = typename CutlassType<T>::type;
-  using FusionOp = std::conditional_t<OP == 10, BiasGeluFast<E>, BiasAdd<E>>;
+  using FusionOp = std::conditional_t<OP == 10, BiasGeluLean<E>, BiasAdd<E>>;
   const Problem p{a.batch * a.seq,
                   OP == 10 ? D::ffn : D::hidden,
                   OP == 12 ? D::ffn : D::hidden,
