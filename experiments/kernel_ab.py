@@ -99,17 +99,19 @@ def main() -> int:
     common = ["--dtypes", *args.dtypes] + (["--cases", *args.cases] if args.cases else [])
     log = open(args.out / "ab.log", "w")
 
-    def plan_ab(tag: str, *extra: str) -> subprocess.Popen:
-        command = [sys.executable, str(trees[tag] / "experiments" / "plan_ab.py"), "--tag", tag, *common, *extra]
+    def spawn(tag: str, script: str, *script_args: str) -> subprocess.Popen:
+        """One of the tree's experiment scripts, in the tree with its own cache, output into the shared log."""
+        command = [sys.executable, str(trees[tag] / "experiments" / script), *script_args]
         return subprocess.Popen(command, cwd=trees[tag], env=tree_env(trees[tag], caches[tag]), stdout=log,
                                 stderr=subprocess.STDOUT, text=True)
+
+    def plan_ab(tag: str, *extra: str) -> subprocess.Popen:
+        return spawn(tag, "plan_ab.py", "--tag", tag, *common, *extra)
 
     start = time.perf_counter()
     jobs = [plan_ab(tag, "--build-only") for tag in trees]
     if args.check_attention:  # both dtypes whatever --dtypes times: a kernel change can break either
-        jobs += [subprocess.Popen([sys.executable, str(trees[tag] / "experiments" / "check_attention.py")],
-                                  cwd=trees[tag], env=tree_env(trees[tag], caches[tag]), stdout=log,
-                                  stderr=subprocess.STDOUT, text=True) for tag in names]
+        jobs += [spawn(tag, "check_attention.py") for tag in names]
     codes = [job.wait() for job in jobs]
     print(f"builds{' and attention checks' if args.check_attention else ''}: {time.perf_counter() - start:.0f} s, "
           f"exit codes {codes}", flush=True)
