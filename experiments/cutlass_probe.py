@@ -37,9 +37,11 @@ from fusionsearch.timing import launched_kernels, time_cuda_graph  # noqa: E402
 HERE = Path(__file__).resolve().parent / "cutlass_probe"
 # name: (N, K, fused epilogues) of y[M, N] = x[M, K]·W[N, K]ᵀ in a BERT-base layer
 GEMMS = {"qkv": (2304, 768, ()), "attn_out": (768, 768, ("bias_residual",)),
-         "ffn1": (3072, 768, ("bias_gelu", "bias_gelu_fast")), "ffn2": (768, 3072, ("bias_residual",))}
-EPILOGUE_CODE = {None: 0, "bias_gelu": 1, "bias_residual": 2, "bias_gelu_fast": 3}  # probe::Epilogue
-# name: (tile M, N, K), (cluster M, N), schedule, tile scheduler
+         "ffn1": (3072, 768, ("bias_gelu", "bias_gelu_fast", "bias_gelu_lean")), "ffn2": (768, 3072, ("bias_residual",))}
+# probe::Epilogue. bias_gelu: CUTLASS's erff GELU; bias_gelu_fast: fs::gelu_erf_fast in CUTLASS's
+# LinCombPerColBiasEltAct; bias_gelu_lean: the same GELU on acc + bias with no source tensor (what FFN1 runs).
+EPILOGUE_CODE = {None: 0, "bias_gelu": 1, "bias_residual": 2, "bias_gelu_fast": 3, "bias_gelu_lean": 4}
+# name: (tile M, N, K), (cluster M, N), schedule, tile scheduler[, epilogue tile M, N (default: CUTLASS's choice)]
 CONFIGS = {
     "coop_128x256_c2x1": ((128, 256, 64), (2, 1), "Cooperative", "PersistentScheduler"),
     "coop_128x256_c1x2": ((128, 256, 64), (1, 2), "Cooperative", "PersistentScheduler"),
@@ -48,6 +50,7 @@ CONFIGS = {
     "coop_128x256_c2x1_sk": ((128, 256, 64), (2, 1), "Cooperative", "StreamKScheduler"),
     "pp_128x128_c1x1": ((128, 128, 64), (1, 1), "Pingpong", "PersistentScheduler"),
     "pp_128x128_c2x1": ((128, 128, 64), (2, 1), "Pingpong", "PersistentScheduler"),
+    "pp_128x128_c1x1_e64x64": ((128, 128, 64), (1, 1), "Pingpong", "PersistentScheduler", (64, 64)),
     "pp_64x256_c2x1": ((64, 256, 64), (2, 1), "Pingpong", "PersistentScheduler"),
     "pp_64x128_c1x1": ((64, 128, 64), (1, 1), "Pingpong", "PersistentScheduler"),
     # Tiles sized for one wave of 132 SMs at 1024-2048 rows (N = 3072: 192 columns; N = 768: 96 columns).
@@ -69,9 +72,10 @@ OPTIONS = [(r, s) for r in (1, 2) for s in (1, 2, 4, 8)]
 
 def config_unit(name: str) -> str:
     """The source of one configuration unit: PROBE_DEFINE of run_<name> / workspace_<name>."""
-    (tm, tn, tk), (cm, cn), schedule, scheduler = CONFIGS[name]
+    (tm, tn, tk), (cm, cn), schedule, scheduler, *epilogue_tile = CONFIGS[name]
+    tile = "".join(f", cute::Shape<cute::_{em}, cute::_{en}>" for em, en in epilogue_tile)
     config = (f"fs::sm90::Config<cute::Shape<cute::_{tm}, cute::_{tn}, cute::_{tk}>, "
-              f"cute::Shape<cute::_{cm}, cute::_{cn}, cute::_1>, fs::sm90::{schedule}, cutlass::gemm::{scheduler}>")
+              f"cute::Shape<cute::_{cm}, cute::_{cn}, cute::_1>, fs::sm90::{schedule}, cutlass::gemm::{scheduler}{tile}>")
     return f'#include "gemm_epilogue.cuh"\nPROBE_DEFINE({name}, {config})\n'
 
 
@@ -133,13 +137,13 @@ class Problem:
         self.shape, self.flops = (rows, n), 2.0 * rows * n * k
         exact = self.x.float() @ self.w.float().T
         gelu = F.gelu(exact + self.b.float())
-        self.reference = {None: exact, "bias_gelu": gelu, "bias_gelu_fast": gelu,
+        self.reference = {None: exact, "bias_gelu": gelu, "bias_gelu_fast": gelu, "bias_gelu_lean": gelu,
                           "bias_residual": exact + self.b.float() + self.r.float()}
 
     def cublas(self, epilogue):
         x, w, b, r = self.x, self.w, self.b, self.r
         gelu = lambda: F.gelu(F.linear(x, w, b))  # noqa: E731
-        return {None: lambda: F.linear(x, w), "bias_gelu": gelu, "bias_gelu_fast": gelu,
+        return {None: lambda: F.linear(x, w), "bias_gelu": gelu, "bias_gelu_fast": gelu, "bias_gelu_lean": gelu,
                 "bias_residual": lambda: F.linear(x, w, b) + r}[epilogue]
 
     def cutlass(self, module, config: str, epilogue, option=(0, 1)):
@@ -195,12 +199,15 @@ def summary_line(row: dict) -> str:
 
 
 # What the layer's Hopper segments run (kernels/fs_gemm_sm90.cuh, from MIN_ROWS rows on): GEMM → (epilogue,
-# configuration from MANY_ROWS rows on, from FEW_ROWS rows on, from SOME_ROWS rows on, below SOME_ROWS).
-MIN_ROWS, SOME_ROWS, FEW_ROWS, MANY_ROWS = 65, 1024, 2048, 4096
+# (from this many rows on, configuration) from the most rows down).
+MIN_ROWS = 65
 SEGMENT_CONFIGS = {
-    "attn_out": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1", "pp_64x64_c1x1"),
-    "ffn1": ("bias_gelu_fast", "coop_128x256_c2x1", "coop_128x192_c2x1", "coop_128x192_c2x1", "pp_64x64_c1x1"),
-    "ffn2": ("bias_residual", "pp_128x128_c1x1", "coop_128x96_c1x1", "pp_64x96_c1x1", "pp_64x64_c1x1")}
+    "attn_out": ("bias_residual", ((4096, "pp_128x128_c1x1"), (2048, "coop_128x96_c1x1"), (1024, "pp_64x96_c1x1"),
+                                   (MIN_ROWS, "pp_64x64_c1x1"))),
+    "ffn1": ("bias_gelu_lean", ((8192, "pp_128x128_c1x1_e64x64"), (4096, "coop_128x256_c2x1"),
+                                (1024, "coop_128x192_c2x1"), (MIN_ROWS, "pp_64x64_c1x1"))),
+    "ffn2": ("bias_residual", ((4096, "pp_128x128_c1x1"), (2048, "coop_128x96_c1x1"), (1024, "pp_64x96_c1x1"),
+                               (MIN_ROWS, "pp_64x64_c1x1")))}
 
 
 def segment_config(gemm: str, rows: int) -> tuple[str | None, str | None]:
@@ -208,9 +215,8 @@ def segment_config(gemm: str, rows: int) -> tuple[str | None, str | None]:
     runs none (too few rows: the resident-weight kernel serves them)."""
     if gemm not in SEGMENT_CONFIGS or rows < MIN_ROWS:
         return None, None
-    epilogue, *configs = SEGMENT_CONFIGS[gemm]
-    tier = 0 if rows >= MANY_ROWS else 1 if rows >= FEW_ROWS else 2 if rows >= SOME_ROWS else 3
-    return epilogue, configs[tier]
+    epilogue, tiers = SEGMENT_CONFIGS[gemm]
+    return epilogue, next(config for min_rows, config in tiers if rows >= min_rows)
 
 
 def _cell(stats: dict) -> str:

@@ -9,7 +9,7 @@ using fs::sm90::Outcome;
 using fs::sm90::Problem;
 using Elem = cutlass::half_t;
 
-enum class Epilogue { kPlain = 0, kBiasGelu = 1, kBiasResidual = 2, kBiasGeluFast = 3 };
+enum class Epilogue { kPlain = 0, kBiasGelu = 1, kBiasResidual = 2, kBiasGeluFast = 3, kBiasGeluLean = 4 };
 
 template <class Cfg> Outcome run(Epilogue epilogue, const Problem& p, Options options, void* workspace,
                                  cudaStream_t stream) {
@@ -19,6 +19,7 @@ template <class Cfg> Outcome run(Epilogue epilogue, const Problem& p, Options op
     case Epilogue::kBiasGelu: return launch<Elem, Cfg, BiasGelu<Elem>>(p, options, workspace, stream);
     case Epilogue::kBiasResidual: return launch<Elem, Cfg, BiasAdd<Elem>>(p, options, workspace, stream);
     case Epilogue::kBiasGeluFast: return launch<Elem, Cfg, BiasGeluFast<Elem>>(p, options, workspace, stream);
+    case Epilogue::kBiasGeluLean: return launch<Elem, Cfg, BiasGeluLean<Elem>>(p, options, workspace, stream);
   }
   return Outcome::kUnsupported;
 }
@@ -30,6 +31,7 @@ template <class Cfg> size_t workspace(Epilogue epilogue, const Problem& p, Optio
     case Epilogue::kBiasGelu: return workspace_bytes<Elem, Cfg, BiasGelu<Elem>>(p, options);
     case Epilogue::kBiasResidual: return workspace_bytes<Elem, Cfg, BiasAdd<Elem>>(p, options);
     case Epilogue::kBiasGeluFast: return workspace_bytes<Elem, Cfg, BiasGeluFast<Elem>>(p, options);
+    case Epilogue::kBiasGeluLean: return workspace_bytes<Elem, Cfg, BiasGeluLean<Elem>>(p, options);
   }
   return 0;
 }
