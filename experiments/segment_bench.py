@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def bench_shape(shape: str, plan, dtype: str, hold_s: float = 0.0) -> dict:
 def hold_text(h: dict | None) -> str:
     if not h:
         return ""
+    if h["sm_mhz"] is None:  # nvidia-smi gave no readable sample
+        return f"  held: {h['us_per_call']:.1f} µs (no clock samples)"
     return (f"  held: {h['us_per_call']:.1f} µs at {h['sm_mhz']:.0f} MHz (min {h['sm_mhz_min']:.0f}), "
             f"{h['power_w']:.0f} W, reasons {h['event_reasons']}")
 
@@ -102,6 +105,9 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
                         help="also replay each kernel this long and read the SM clock and power (0: off)")
     args = parser.parse_args()
+    if args.hold and shutil.which("nvidia-smi") is None:
+        parser.error("--hold reads the clock and power with nvidia-smi, which is not on PATH; add the driver's "
+                     "utilities to PATH or leave --hold out")
     from fusionsearch.mask import decode
 
     plan = decode(args.plan)
