@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,43 @@ def missing_modules() -> list[str]:
     return [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
 
 
+def run_to_the_end(command: list[str], env: dict) -> tuple[int, str | None]:
+    """Run `command` (pytest) in a session of its own. A SIGTERM or SIGINT to this process (a timeout, Ctrl-C)
+    reaches it once, as SIGINT: pytest then stops after the current test and still writes its report, so the
+    summary below keeps what ran. (exit code, name of the signal that stopped the run or None)."""
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    stopped: list[str] = []
+
+    def forward(signum, _frame):
+        if not stopped:
+            stopped.append(signal.Signals(signum).name)
+            proc.send_signal(signal.SIGINT)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code, (stopped[0] if stopped else None)
+
+
+def junit_cases(path: Path) -> list[dict]:
+    """Name, seconds and status of every test case in a JUnit report; none where pytest wrote no report."""
+    if not path.is_file():
+        return []
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test a stop interrupted: pytest leaves an empty entry for it
+            continue
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                status = tag
+        cases.append({"name": case.get("name"), "time_s": float(case.get("time", 0)), "status": status})
+    return cases
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -79,18 +117,13 @@ def main() -> int:
     env = dict(os.environ, FUSIONSEARCH_GPU_TEST_CACHE=cache, FUSIONSEARCH_GPU_SUMMARY=str(args.out / "session.json"))
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "--durations=0", f"--junitxml={junit}",
                *shlex.split(args.pytest_args)]
+    junit.unlink(missing_ok=True)  # a report left by an earlier run must not pass for this one's
     start = time.perf_counter()
-    code = subprocess.call(command, env=env)
+    code, stopped_by = run_to_the_end(command, env)
     wall = time.perf_counter() - start
-    cases = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        status = "passed"
-        for tag in ("failure", "error", "skipped"):
-            if case.find(tag) is not None:
-                status = tag
-        cases.append({"name": case.get("name"), "time_s": float(case.get("time", 0)), "status": status})
+    cases = junit_cases(junit)
     summary = {"date": dt.date.today().isoformat(), "device": facts, "builds": builds, "pytest_exit": code,
-               "pytest_wall_s": wall, "tests": cases}
+               "pytest_wall_s": wall, "stopped_by": stopped_by, "tests": cases}
     (args.out / f"gpu-suite{args.suffix}.json").write_text(json.dumps(summary, indent=1))
     counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
     lines = [f"# GPU test suite, {summary['date']}", "",
@@ -104,7 +137,11 @@ def main() -> int:
         lines += [f"| {k} | {v['kernels']} | {v['cold_s']:.1f} | {v['warm_load_s']:.2f} |" for k, v in builds.items()]
         lines.append("")
     lines += [f"pytest -m gpu: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
-              f"{counts['skipped']} skipped in {wall:.0f} s (exit {code}).", "", "| test | status | s |", "|---|---|---|"]
+              f"{counts['skipped']} skipped in {wall:.0f} s (exit {code})"
+              + (f"; stopped by {stopped_by} before the end: the tests not listed did not run." if stopped_by else ".")]
+    if not cases:
+        lines.append("pytest wrote no report.")
+    lines += ["", "| test | status | s |", "|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
     (args.out / f"gpu-tests-{summary['date']}{args.suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,0 +1,63 @@
+"""experiments/gpu_suite.py without a GPU: a stopped run still ends in a report, and JUnit reports are read."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "experiments" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_to_write_its_summary(tmp_path):
+    suite = _load()
+    marker = tmp_path / "report-written"
+    # Stands in for pytest: on SIGINT (KeyboardInterrupt) it writes its report and exits as pytest does (2).
+    child = textwrap.dedent(f"""
+        import sys, time
+        try:
+            time.sleep(30)
+        except KeyboardInterrupt:
+            open({str(marker)!r}, "w").write("interrupted")
+            sys.exit(2)
+    """)
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code, stopped_by = suite.run_to_the_end([sys.executable, "-c", child], dict(os.environ))
+    finally:
+        timer.cancel()
+    assert (code, stopped_by) == (2, "SIGTERM")
+    assert marker.read_text() == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == before  # the forwarding handler is gone once the run is over
+
+
+def test_a_run_that_ends_on_its_own_reports_no_signal():
+    suite = _load()
+    assert suite.run_to_the_end([sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ)) == (1, None)
+
+
+def test_junit_cases_give_each_status_and_none_without_a_report(tmp_path):
+    suite = _load()
+    report = tmp_path / "junit.xml"
+    report.write_text('<testsuites><testsuite name="pytest">'
+                      '<testcase name="test_a" time="1.5"/>'
+                      '<testcase name="test_b" time="0.2"><failure message="x"/></testcase>'
+                      '<testcase name="test_c" time="0"><skipped message="no GPU"/></testcase>'
+                      '<testcase time="0.000" />'  # what pytest leaves for a test that a stop interrupted
+                      '</testsuite></testsuites>')
+    assert suite.junit_cases(report) == [{"name": "test_a", "time_s": 1.5, "status": "passed"},
+                                         {"name": "test_b", "time_s": 0.2, "status": "failure"},
+                                         {"name": "test_c", "time_s": 0.0, "status": "skipped"}]
+    assert suite.junit_cases(tmp_path / "missing.xml") == []
