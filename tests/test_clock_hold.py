@@ -38,3 +38,13 @@ def test_samples_are_parsed_and_unreadable_lines_skipped():
 def test_the_query_asks_for_clock_power_and_reasons_in_that_order():
     # _read_samples reads the fields by position.
     assert _load().QUERY.split(",") == ["clocks.sm", "power.draw", "clocks_event_reasons.active"]
+
+
+def test_segment_bench_prints_a_held_row_with_or_without_clock_samples():
+    spec = importlib.util.spec_from_file_location("segment_bench", ROOT / "experiments" / "segment_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    held = {"us_per_call": 306.87, "sm_mhz": 1425.0, "sm_mhz_min": 1155.0, "power_w": 698.4, "event_reasons": "0x4"}
+    assert bench.hold_text(held) == "  held: 306.9 µs at 1425 MHz (min 1155), 698 W, reasons 0x4"
+    assert bench.hold_text({**held, "sm_mhz": None}) == "  held: 306.9 µs (no clock samples)"
+    assert bench.hold_text(None) == ""
