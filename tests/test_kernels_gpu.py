@@ -252,9 +252,10 @@ def _sass_by_function(library_path: Path) -> dict[str, str]:
         return subprocess.run(["cuobjdump", "-sass", str(path)], capture_output=True, text=True, check=True).stdout
 
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run(["cuobjdump", "-xelf", "all", str(library_path.resolve())], cwd=folder, capture_output=True,
-                       check=True)
-        cubins = sorted(Path(folder).glob("*.cubin")) or [library_path]
+        extracted = subprocess.run(["cuobjdump", "-xelf", "all", str(library_path.resolve())], cwd=folder,
+                                   capture_output=True)
+        cubins = sorted(Path(folder).glob("*.cubin")) if extracted.returncode == 0 else []
+        cubins = cubins or [library_path]  # nothing taken out: the whole library in one go, as before
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             texts = list(pool.map(disassemble, cubins))
     functions = {}
