@@ -84,10 +84,20 @@ def _is_cutlass_kernel(name: str) -> bool:
     return "cutlass" in name and "device_kernel" in name
 
 
+def _run_and_list_kernels(run):
+    """(what run() returns, the names of the CUDA kernels it launched, in order), from torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = run()
+        torch.cuda.synchronize()
+    return result, [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_rows(dtype):
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from fusionsearch.verify import verify_segment
 
     sm90 = torch.cuda.get_device_capability() == (9, 0)
@@ -99,9 +109,8 @@ def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_row
         cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
         library, weights = library_for(cfg), _weights(cfg)
         for segment in HOPPER_SEGMENTS:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                budget = verify_segment(library, segment, weights, cfg, seed=batch)
-            names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+            budget, names = _run_and_list_kernels(
+                lambda: verify_segment(library, segment, weights, cfg, seed=batch))
             cutlass = any(_is_cutlass_kernel(n) for n in names)
             generated = any(n.startswith(f"fs_{segment.name}_") for n in names)
             expect_cutlass = sm90 and batch * seq >= 65  # fs::sm90::kMinRows
@@ -119,7 +128,6 @@ ATTENTION_SEGMENTS = (Segment(2, 5, True), Segment(1, 5, True), Segment(2, 6, Tr
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_from_128_keys(dtype):
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from fusionsearch.verify import verify_segment
 
     sm90 = torch.cuda.get_device_capability() == (9, 0)
@@ -130,9 +138,8 @@ def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_f
         cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
         library, weights = library_for(cfg), _weights(cfg)
         for segment in ATTENTION_SEGMENTS:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                budget = verify_segment(library, segment, weights, cfg, seed=batch + seq)
-            names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+            budget, names = _run_and_list_kernels(
+                lambda: verify_segment(library, segment, weights, cfg, seed=batch + seq))
             wgmma = any("wgmma_attention_kernel" in n for n in names)
             expect_wgmma = sm90 and seq >= 128  # fs::sm90::kAttentionMinSeq
             if not budget.ok or wgmma != expect_wgmma:
@@ -177,7 +184,6 @@ def test_fully_masked_batch_entry_gives_no_nan(attention):
 
 def test_plan_of_k_segments_launches_k_kernels():
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from fusionsearch.runtime import FusedEncoderLayer
 
     cfg = LayerConfig(batch=2, seq_len=64)
@@ -190,10 +196,7 @@ def test_plan_of_k_segments_launches_k_kernels():
         layer = FusedEncoderLayer(plan, weights, cfg, library=library)
         layer(x)  # first call sets kernel attributes
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            layer(x)
-            torch.cuda.synchronize()
-        kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        _, kernels = _run_and_list_kernels(lambda: layer(x))
         launched = [n for n in kernels if n.startswith("fs_seg_")]
         cutlass = [n for n in kernels if _is_cutlass_kernel(n)]
         generated = [s for s in plan.segments if not uses_library_gemm(s)]
