@@ -1,20 +1,11 @@
 """experiments/clock_hold.py: reading nvidia-smi's clock, power and event-reason samples (no GPU needed)."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("clock_hold", ROOT / "experiments" / "clock_hold.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiment_scripts import load_experiment
 
 
 def _fake_sampler(text: str) -> subprocess.Popen:
@@ -24,7 +15,7 @@ def _fake_sampler(text: str) -> subprocess.Popen:
 
 
 def test_samples_are_parsed_and_unreadable_lines_skipped():
-    clock_hold = _load()
+    clock_hold = load_experiment("clock_hold")
     proc = _fake_sampler("1980, 352.10, 0x0000000000000000\n"
                          "[N/A], 410.00, 0x0000000000000004\n"
                          "1365, 699.50, 0x0000000000000004\n"
@@ -37,13 +28,11 @@ def test_samples_are_parsed_and_unreadable_lines_skipped():
 
 def test_the_query_asks_for_clock_power_and_reasons_in_that_order():
     # _read_samples reads the fields by position.
-    assert _load().QUERY.split(",") == ["clocks.sm", "power.draw", "clocks_event_reasons.active"]
+    assert load_experiment("clock_hold").QUERY.split(",") == ["clocks.sm", "power.draw", "clocks_event_reasons.active"]
 
 
 def test_segment_bench_prints_a_held_row_with_or_without_clock_samples():
-    spec = importlib.util.spec_from_file_location("segment_bench", ROOT / "experiments" / "segment_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_experiment("segment_bench")
     held = {"us_per_call": 306.87, "sm_mhz": 1425.0, "sm_mhz_min": 1155.0, "power_w": 698.4, "event_reasons": "0x4"}
     assert bench.hold_text(held) == "  held: 306.9 µs at 1425 MHz (min 1155), 698 W, reasons 0x4"
     assert bench.hold_text({**held, "sm_mhz": None}) == "  held: 306.9 µs (no clock samples)"

@@ -2,12 +2,12 @@
 TMA, and unknown configuration names are refused with the known ones."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from experiment_scripts import load_experiment
 
 from fusionsearch.resources import cutlass_include_dirs, kernels_dir
 
@@ -15,17 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "experiments" / "cutlass_probe"
 
 
-def _probe_script():
-    spec = importlib.util.spec_from_file_location("cutlass_probe", ROOT / "experiments" / "cutlass_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.nvcc
 @pytest.mark.slow
 def test_pingpong_unit_compiles_for_sm90a_with_warpgroup_mma(tmp_path):
-    probe = _probe_script()
+    probe = load_experiment("cutlass_probe")
     [unit] = probe.write_units(["pp_128x128_c1x1"], tmp_path / "units")
     result = subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "--expt-relaxed-constexpr",
                              "-gencode=arch=compute_90a,code=sm_90a", f"-I{PROBE}", f"-I{kernels_dir()}",
@@ -39,7 +32,7 @@ def test_pingpong_unit_compiles_for_sm90a_with_warpgroup_mma(tmp_path):
 
 
 def test_every_configuration_renders_a_unit_and_unknown_names_are_refused(tmp_path):
-    probe = _probe_script()
+    probe = load_experiment("cutlass_probe")
     for name, ((tm, tn, tk), _, schedule, scheduler, *epilogue_tile) in probe.CONFIGS.items():
         source = probe.config_unit(name)
         assert f"PROBE_DEFINE({name}, fs::sm90::Config<cute::Shape<cute::_{tm}, cute::_{tn}, cute::_{tk}>" in source
@@ -52,7 +45,7 @@ def test_every_configuration_renders_a_unit_and_unknown_names_are_refused(tmp_pa
 
 
 def test_committed_probe_runs_render_both_tables():
-    probe = _probe_script()
+    probe = load_experiment("cutlass_probe")
     result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-h100.json").read_text())
     text = probe.markdown(result)
     assert text.count("| plain |") == 12  # four GEMMs at three row counts
@@ -73,7 +66,7 @@ def test_committed_probe_runs_render_both_tables():
 
 
 def test_the_switch_rows_runs_render_only_rows_the_segments_serve_with_their_configurations():
-    probe = _probe_script()
+    probe = load_experiment("cutlass_probe")
     result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-1024-2048-h100.json").read_text())
     segment_table = probe.markdown(result).split("The configurations the segments use")[1]
     rows = [line.split(" | ") for line in segment_table.splitlines() if line.startswith("| ") and "---" not in line]
@@ -85,7 +78,7 @@ def test_the_switch_rows_runs_render_only_rows_the_segments_serve_with_their_con
 
 
 def test_the_few_rows_run_renders_every_gemm_and_the_segments_at_128_rows():
-    probe = _probe_script()
+    probe = load_experiment("cutlass_probe")
     result = json.loads((ROOT / "experiments" / "results" / "cutlass-probe-32-128-h100.json").read_text())
     tables = probe.markdown(result).split("The configurations the segments use")
     assert tables[0].count("| plain |") == 8  # four GEMMs at 32 and 128 rows

@@ -1,26 +1,17 @@
 """experiments/gpu_suite.py without a GPU: a stopped run still ends in a report, and JUnit reports are read."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "experiments" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiment_scripts import load_experiment
 
 
 def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_to_write_its_summary(tmp_path):
-    suite = _load()
+    suite = load_experiment("gpu_suite")
     marker = tmp_path / "report-written"
     # Stands in for pytest: on SIGINT (KeyboardInterrupt) it writes its report and exits as pytest does (2).
     child = textwrap.dedent(f"""
@@ -44,12 +35,12 @@ def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_
 
 
 def test_a_run_that_ends_on_its_own_reports_no_signal():
-    suite = _load()
+    suite = load_experiment("gpu_suite")
     assert suite.run_to_the_end([sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ)) == (1, None)
 
 
 def test_junit_cases_give_each_status_and_none_without_a_report(tmp_path):
-    suite = _load()
+    suite = load_experiment("gpu_suite")
     report = tmp_path / "junit.xml"
     report.write_text('<testsuites><testsuite name="pytest">'
                       '<testcase name="test_a" time="1.5"/>'

@@ -3,25 +3,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from experiment_scripts import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_variant_is_a_copy_of_the_code_with_the_patch_applied_and_this_tree_untouched(tmp_path):
-    ab = _load("kernel_ab")
+    ab = load_experiment("kernel_ab")
     # A patch made against the tree as it is, so the test does not go stale when the kernels change.
     original = (ROOT / "kernels" / "fs_attention.cuh").read_text().splitlines(keepends=True)
     changed = ["// VARIANT_MARKER\n", *original]
@@ -36,7 +28,7 @@ def test_variant_is_a_copy_of_the_code_with_the_patch_applied_and_this_tree_unto
 
 
 def test_a_patch_that_does_not_apply_stops_with_its_name(tmp_path):
-    ab = _load("kernel_ab")
+    ab = load_experiment("kernel_ab")
     bad = tmp_path / "stale.patch"
     bad.write_text("--- a/kernels/fs_attention.cuh\n+++ b/kernels/fs_attention.cuh\n@@ -1,1 +1,1 @@\n"
                    "-no such line in the file\n+replacement\n")
@@ -45,7 +37,7 @@ def test_a_patch_that_does_not_apply_stops_with_its_name(tmp_path):
 
 
 def test_table_gives_each_trees_medians_by_round_and_each_variants_change_of_the_means():
-    ab = _load("kernel_ab")
+    ab = load_experiment("kernel_ab")
 
     def row(plan: float, attention: float) -> dict:
         return {"dtype": "fp16", "shape": "64x512", "mask": 48932, "plan": {"median": plan},
@@ -63,14 +55,14 @@ def test_table_gives_each_trees_medians_by_round_and_each_variants_change_of_the
 
 
 def test_a_case_must_be_shape_and_mask():
-    plan_ab = _load("plan_ab")
+    plan_ab = load_experiment("plan_ab")
     assert plan_ab.parse_case("16x128:48996") == ("16x128", 48996)
     with pytest.raises(argparse.ArgumentTypeError, match="write e.g. 64x512:48932"):
         plan_ab.parse_case("16x128")
 
 
 def test_variants_need_distinct_patch_names(tmp_path, capsys, monkeypatch):
-    ab = _load("kernel_ab")
+    ab = load_experiment("kernel_ab")
     patch = ROOT / "experiments" / "patches" / "attention-128-key-tiles.patch"
     monkeypatch.setattr(sys, "argv", ["kernel_ab.py", "--patch", str(patch), str(patch), "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as stop:

@@ -2,17 +2,9 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("ncu_stalls", ROOT / "experiments" / "ncu_stalls.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiment_scripts import load_experiment
 
 
 def _export(path: Path) -> None:
@@ -34,7 +26,7 @@ def test_phases_are_cut_at_weight_waits_and_barriers(tmp_path, capsys, monkeypat
     export = tmp_path / "sass.csv"
     _export(export)
     monkeypatch.setattr("sys.argv", ["ncu_stalls.py", str(export), "--top", "2"])
-    assert _load().main() == 0
+    assert load_experiment("ncu_stalls").main() == 0
     out = capsys.readouterr().out
     assert "5 instructions, 100 samples" in out
     assert "by reason: barrier 60%, no_inst 40%" in out
@@ -53,7 +45,7 @@ def test_executed_instructions_are_counted_by_opcode(tmp_path, capsys, monkeypat
                           ("0x20", "@!P1 HMMA.16816.F32 R4, R12, R18, R4", 3, "1,000", 3),
                           ("0x30", "FADD.FTZ R1, R2, R3", 2, "4000", 2)])
     monkeypatch.setattr("sys.argv", ["ncu_stalls.py", str(export), "--top", "3"])
-    assert _load().main() == 0
+    assert load_experiment("ncu_stalls").main() == 0
     out = capsys.readouterr().out
     assert "executed: 8000 warp instructions" in out
     mix = out.split("by opcode")[1].strip().splitlines()

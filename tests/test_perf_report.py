@@ -2,12 +2,12 @@
 baseline worker it shares across shapes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from experiment_scripts import load_experiment
 
 from fusionsearch import records
 from fusionsearch.mask import decode
@@ -15,14 +15,6 @@ from fusionsearch.plan import HAND_FUSED
 from fusionsearch.sweep import ShapeSweep
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _perf_module():
-    path = ROOT / "experiments" / "perf_report.py"
-    spec = importlib.util.spec_from_file_location("perf_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _layer(shape, dtype, ours, baselines, goal):
@@ -95,7 +87,7 @@ def gpu(monkeypatch):
 def run_report(tmp_path, *shapes, extra: tuple[str, ...] = ()) -> int:
     plans = tmp_path / "plans.json"
     plans.write_text(json.dumps({"shapes": [{"shape": s, "best": {"mask": 41108}} for s in shapes]}))
-    return _perf_module().main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--sweeps",
+    return load_experiment("perf_report").main(["--out", str(tmp_path / "perf"), "--plans", str(plans), "--sweeps",
                                 str(tmp_path / "no-sweeps"), "--shapes", *shapes, "--e2e-shapes", *extra])
 
 
@@ -128,14 +120,14 @@ def test_an_interrupted_report_closes_its_baseline_worker(gpu, tmp_path):
 
 
 def test_best_masks_name_a_canonical_plan_for_every_committed_shape():
-    perf = _perf_module()
+    perf = load_experiment("perf_report")
     masks = perf.best_masks(ROOT / "experiments" / "results" / "sweeps-h100.json")
     assert sorted(masks, key=perf.SHAPE_ORDER.index) == perf.SHAPE_ORDER
     assert all(decode(m).canonical_id == m for m in masks.values())
 
 
 def test_markdown_reports_speedups_goals_and_the_end_to_end_table():
-    perf = _perf_module()
+    perf = load_experiment("perf_report")
     layers = [_layer("1x32", "fp16", 10.0, {"sdpa_graph": 40.0, "eager": 200.0}, 12),
               _layer("16x128", "fp16", 100.0, {"sdpa_graph": 90.0}, 55)]
     lat = lambda m: {"median": m, "p20": m, "p80": m}  # noqa: E731
@@ -152,7 +144,7 @@ def test_markdown_reports_speedups_goals_and_the_end_to_end_table():
 
 
 def test_markdown_names_both_copies_behind_the_bandwidth_ceiling():
-    perf = _perf_module()
+    perf = load_experiment("perf_report")
     ceilings = {"peak_tflops": 770.0, "bandwidth_tbs": 4.0, "copy_us": 500.0, "memcpy_us": 800.0, "sm_copy_us": 500.0}
     report = {"meta": {"gpu": "GPU X", "torch": "t", "cuda": "c", "template_hash": "h", "time": "now"},
               "dtypes": ["fp16"], "ceilings": {"fp16": ceilings},
@@ -161,7 +153,7 @@ def test_markdown_names_both_copies_behind_the_bandwidth_ceiling():
 
 
 def test_a_shape_without_a_recorded_best_plan_is_refused(tmp_path, capsys):
-    perf = _perf_module()
+    perf = load_experiment("perf_report")
     plans = tmp_path / "plans.json"
     plans.write_text(json.dumps({"shapes": [{"shape": "1x32", "best": {"mask": 41108}}]}))
     with pytest.raises(SystemExit) as exit_info:
@@ -171,7 +163,7 @@ def test_a_shape_without_a_recorded_best_plan_is_refused(tmp_path, capsys):
 
 
 def test_candidates_hold_the_sweep_optimum_and_the_best_attention_kernel_plans():
-    perf = _perf_module()
+    perf = load_experiment("perf_report")
     masks = perf.candidate_masks(ROOT / "experiments" / "data" / "sweeps" / "sweep-1x128-fp16.jsonl.gz", 2)
     best = perf.best_masks(ROOT / "experiments" / "results" / "sweeps-h100.json")["1x128"]
     assert masks[0] == best and len(masks) == len(set(masks)) <= 4
@@ -180,7 +172,7 @@ def test_candidates_hold_the_sweep_optimum_and_the_best_attention_kernel_plans()
 
 
 def test_a_run_stopped_during_end_to_end_keeps_the_layer_tables(gpu, tmp_path):
-    perf = _perf_module()
+    perf = load_experiment("perf_report")
 
     def stopped(shape, mask):
         raise KeyboardInterrupt

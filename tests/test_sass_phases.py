@@ -2,13 +2,9 @@
 them, the report, and clear errors for an ambiguous kernel pattern or a missing nvdisasm."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from experiment_scripts import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 
 LISTING = """
 \t.section\t.text.fs_seg_00_14_fa_fp16_sm90a_1234_resident,"ax",@progbits
@@ -25,17 +21,8 @@ LISTING = """
 """
 
 
-def _load():
-    path = ROOT / "experiments" / "sass_phases.py"
-    spec = importlib.util.spec_from_file_location("sass_phases", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kernels_are_split_by_section_and_phases_at_weight_waits_and_barriers():
-    sass = _load()
+    sass = load_experiment("sass_phases")
     found = sass.kernels(LISTING)
     assert sorted(found) == ["fs_seg_00_14_fa_fp16_sm90a_1234", "fs_seg_00_14_fa_fp16_sm90a_1234_resident"]
     code = found[sass.pick(found, "resident$")]
@@ -50,7 +37,7 @@ def test_kernels_are_split_by_section_and_phases_at_weight_waits_and_barriers():
 
 
 def test_an_ambiguous_kernel_pattern_and_a_missing_nvdisasm_are_explained(monkeypatch, tmp_path):
-    sass = _load()
+    sass = load_experiment("sass_phases")
     with pytest.raises(SystemExit, match="matches 2 of: .*give one that matches exactly one kernel"):
         sass.pick(sass.kernels(LISTING), "fs_seg")
     monkeypatch.setenv("NVDISASM", str(tmp_path / "missing"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from experiment_scripts import load_experiment
 from synthetic_sweeps import FIXTURES, sweep_records, write_sweep
 
 from fusionsearch import records
@@ -287,18 +288,8 @@ def test_gpu_measurer_sends_plans_to_bench_and_reads_statuses(monkeypatch, tmp_p
 
 # --- experiments/evaluate_search.py ----------------------------------------------------------------------------
 
-def _evaluate_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "evaluate_search.py"
-    spec = importlib.util.spec_from_file_location("evaluate_search", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kendall_tau_b_matches_its_pairwise_definition_with_ties():
-    evaluate = _evaluate_module()
+    evaluate = load_experiment("evaluate_search")
     rng = np.random.default_rng(3)
     x, y = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 40).astype(float)
     pairs = [(i, j) for i in range(40) for j in range(i + 1, 40)]
@@ -310,7 +301,7 @@ def test_kendall_tau_b_matches_its_pairwise_definition_with_ties():
 
 
 def test_evaluation_runs_end_to_end_on_the_synthetic_fixtures_and_says_so(tmp_path, capsys):
-    evaluate = _evaluate_module()
+    evaluate = load_experiment("evaluate_search")
     sweeps = sorted(FIXTURES.glob("synthetic_sweep_*.jsonl.gz"))
     code = evaluate.main([*map(str, sweeps), "--out", str(tmp_path), "--seeds", "2", "--budget", "130", "--batch-size", "32",
                           "--strategies", "random,segment-dp,xgb,xgb_warm"])

@@ -1,23 +1,17 @@
 """experiments/summarize_sweeps.py on the committed records: the baselines of a later run compared with a sweep's."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from experiment_scripts import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "data" / "sweeps" / "sweep-1x32-fp16.jsonl.gz"
 LATER = ROOT / "experiments" / "data" / "perf-h100" / "records-1x32-fp16.jsonl.gz"
 
 
-def _summarize_module():
-    spec = importlib.util.spec_from_file_location("summarize_sweeps", ROOT / "experiments" / "summarize_sweeps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_baselines_of_a_later_run_are_paired_and_compared_by_name():
-    summarize = _summarize_module()
+    summarize = load_experiment("summarize_sweeps")
     comparison = summarize.compare_remeasure(SWEEP, LATER, kinds=("baseline",))
     assert set(comparison) == {"run", "sweep_run", "baseline"}  # plans ran on other kernels: not compared
     pairs = comparison["baseline"]["pairs"]
@@ -28,5 +22,5 @@ def test_baselines_of_a_later_run_are_paired_and_compared_by_name():
 
 
 def test_a_shape_without_graph_baselines_says_none():
-    summarize = _summarize_module()
+    summarize = load_experiment("summarize_sweeps")
     assert summarize._graph_deviation({"baseline": {"pairs": {"eager": (200.0, 210.0)}}}) == "none"
