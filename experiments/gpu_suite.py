@@ -1,6 +1,10 @@
 """Run the GPU proof on a CUDA machine: cold and warm builds timed, then `pytest -m gpu`; write a summary.
 
-    PYTHONPATH=. python experiments/gpu_suite.py --out DIR [--pytest-args "-k segment"]
+    PYTHONPATH=. python experiments/gpu_suite.py --out DIR [--pytest-args "-k segment"] [--skip-builds]
+        [--cache DIR] [--suffix=-kernels]
+
+The summary (DIR/gpu-tests-DATE{suffix}.md and DIR/gpu-suite{suffix}.json) names the device, the kernel sources
+hash, the command as it was given, the library builds (timed here, or by the tests themselves) and every test.
 """
 from __future__ import annotations
 
@@ -91,6 +95,41 @@ def junit_cases(path: Path) -> list[dict]:
     return cases
 
 
+def libraries_built_in_tests(session: Path) -> dict[str, float]:
+    """Seconds per library that the tests built themselves (tests/gpu_support.py writes them); none if none."""
+    try:
+        return json.loads(session.read_text()).get("build_s", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run's summary as Markdown: device, the exact command, builds, the pytest outcome and every test."""
+    facts, builds, cases = summary["device"], summary["builds"], summary["tests"]
+    code, stopped_by = summary["pytest_exit"], summary["stopped_by"]
+    lines = [f"# GPU test suite, {summary['date']}", "",
+             f"Device: {facts['gpu']} (sm {facts['capability']}, {facts['sm_count']} SMs), torch {facts['torch']}, "
+             f"CUDA {facts['cuda']}, {facts['nvcc']}, {facts['cpus']} CPU cores; kernel sources hash "
+             f"{facts['kernel_sources_hash']}.", "",
+             f"Command: `PYTHONPATH=. {summary['command']}`", ""]
+    if builds:
+        lines += ["| library (BERT-base dims) | kernels | cold build s | warm load s |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['kernels']} | {v['cold_s']:.1f} | {v['warm_load_s']:.2f} |" for k, v in builds.items()]
+        lines.append("")
+    if summary["library_builds_in_tests_s"]:
+        lines += ["Libraries the tests built (or loaded from the cache): "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in summary["library_builds_in_tests_s"].items()) + ".", ""]
+    counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
+    lines += [f"pytest -m gpu: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
+              f"{counts['skipped']} skipped in {summary['pytest_wall_s']:.0f} s (exit {code})"
+              + (f"; stopped by {stopped_by} before the end: the tests not listed did not run." if stopped_by else ".")]
+    if not cases:
+        lines.append("pytest wrote no report.")
+    lines += ["", "| test | status | s |", "|---|---|---|"]
+    lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -117,34 +156,19 @@ def main() -> int:
     env = dict(os.environ, FUSIONSEARCH_GPU_TEST_CACHE=cache, FUSIONSEARCH_GPU_SUMMARY=str(args.out / "session.json"))
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "--durations=0", f"--junitxml={junit}",
                *shlex.split(args.pytest_args)]
-    junit.unlink(missing_ok=True)  # a report left by an earlier run must not pass for this one's
+    for stale in (junit, args.out / "session.json"):  # what an earlier run left must not pass for this one's
+        stale.unlink(missing_ok=True)
     start = time.perf_counter()
     code, stopped_by = run_to_the_end(command, env)
     wall = time.perf_counter() - start
     cases = junit_cases(junit)
-    summary = {"date": dt.date.today().isoformat(), "device": facts, "builds": builds, "pytest_exit": code,
-               "pytest_wall_s": wall, "stopped_by": stopped_by, "tests": cases}
+    summary = {"date": dt.date.today().isoformat(), "device": facts, "command": shlex.join(["python", *sys.argv]),
+               "builds": builds, "library_builds_in_tests_s": libraries_built_in_tests(args.out / "session.json"),
+               "pytest_exit": code, "pytest_wall_s": wall, "stopped_by": stopped_by, "tests": cases}
     (args.out / f"gpu-suite{args.suffix}.json").write_text(json.dumps(summary, indent=1))
-    counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failure", "error", "skipped")}
-    lines = [f"# GPU test suite, {summary['date']}", "",
-             f"Device: {facts['gpu']} (sm {facts['capability']}, {facts['sm_count']} SMs), torch {facts['torch']}, "
-             f"CUDA {facts['cuda']}, {facts['nvcc']}, {facts['cpus']} CPU cores; kernel sources hash "
-             f"{facts['kernel_sources_hash']}.", "",
-             "Command: `PYTHONPATH=. python experiments/gpu_suite.py --out $OUT`"
-             + (f" with `--pytest-args {args.pytest_args!r}`" if args.pytest_args else ""), ""]
-    if builds:
-        lines += ["| library (BERT-base dims) | kernels | cold build s | warm load s |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['kernels']} | {v['cold_s']:.1f} | {v['warm_load_s']:.2f} |" for k, v in builds.items()]
-        lines.append("")
-    lines += [f"pytest -m gpu: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
-              f"{counts['skipped']} skipped in {wall:.0f} s (exit {code})"
-              + (f"; stopped by {stopped_by} before the end: the tests not listed did not run." if stopped_by else ".")]
-    if not cases:
-        lines.append("pytest wrote no report.")
-    lines += ["", "| test | status | s |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
-    (args.out / f"gpu-tests-{summary['date']}{args.suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = summary_markdown(summary)
+    (args.out / f"gpu-tests-{summary['date']}{args.suffix}.md").write_text(text)
+    print(text, end="")
     return code
 
 

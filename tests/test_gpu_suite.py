@@ -52,3 +52,25 @@ def test_junit_cases_give_each_status_and_none_without_a_report(tmp_path):
                                          {"name": "test_b", "time_s": 0.2, "status": "failure"},
                                          {"name": "test_c", "time_s": 0.0, "status": "skipped"}]
     assert suite.junit_cases(tmp_path / "missing.xml") == []
+
+
+def test_the_summary_names_the_command_the_builds_inside_the_tests_and_a_stop(tmp_path):
+    suite = load_experiment("gpu_suite")
+    session = tmp_path / "session.json"
+    session.write_text('{"build_s": {"fp16 h768 n12 ff3072": 116.1}}')
+    builds_in_tests = suite.libraries_built_in_tests(session)
+    assert builds_in_tests == {"fp16 h768 n12 ff3072": 116.1}
+    assert suite.libraries_built_in_tests(tmp_path / "none.json") == {}
+    device = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "sm_count": 132, "torch": "2.11.0", "cuda": "13.0",
+              "nvcc": "Build cuda_13.0", "cpus": 16, "kernel_sources_hash": "c444290c33c24235"}
+    summary = {"date": "2026-12-06", "device": device,
+               "command": "python experiments/gpu_suite.py --skip-builds --cache /tmp/c --suffix=-kernels",
+               "builds": {}, "library_builds_in_tests_s": builds_in_tests, "pytest_exit": 2, "pytest_wall_s": 300.4,
+               "stopped_by": "SIGTERM", "tests": [{"name": "test_a", "time_s": 1.25, "status": "passed"},
+                                                   {"name": "test_b", "time_s": 0.5, "status": "failure"}]}
+    text = suite.summary_markdown(summary)
+    assert "kernel sources hash c444290c33c24235" in text
+    assert "Command: `PYTHONPATH=. python experiments/gpu_suite.py --skip-builds --cache /tmp/c --suffix=-kernels`" in text
+    assert "fp16 h768 n12 ff3072 116.1 s" in text
+    assert "1 passed, 1 failed, 0 errors, 0 skipped in 300 s (exit 2); stopped by SIGTERM" in text
+    assert "| test_b | failure | 0.5 |" in text
