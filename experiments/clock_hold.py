@@ -40,23 +40,11 @@ def hold(calls, seconds: float = 2.0, period_ms: int = 50) -> dict:
     per-call time (CUDA events), median SM clock (MHz) and power (W), and the OR of the clock event reasons."""
     import torch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+    from fusionsearch.timing import capture_graph
+
+    graph, graph_us = capture_graph(lambda: [call() for call in calls], warmup=1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    replays = max(1, int(0.05 * seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))  # ~20 batches
+    replays = max(1, int(0.05 * seconds * 1e6 / max(graph_us, 1.0)))  # ~20 batches
 
     sampler = _sampler(period_ms)
     time.sleep(0.3)  # nvidia-smi's start-up, so its first samples fall inside the hold

@@ -113,6 +113,27 @@ def _event_pairs(count: int):
     return [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
 
 
+def capture_graph(fn: Callable, setters: Sequence[Callable | None] = (None,), *, warmup: int = DEFAULT_WARMUP,
+                  unroll: int = 1):
+    """Warm `fn` up (`warmup` passes over the setters), capture `unroll` passes in a CUDA graph; the graph and the
+    median µs of a few single replays, the first estimate that sizes a measurement."""
+    import torch
+
+    _require_cuda()
+    if warmup > 0:
+        # PyTorch's rule for capture: warm up on a side stream first, so lazy initialisation (cuBLAS handles and
+        # workspaces, allocator growth, autotuning) happens outside the graph.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                _run_pass(fn, setters)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+    graph = _capture(fn, setters, unroll)
+    return graph, _replay_us(graph, 3)
+
+
 def time_cuda_graph(fn: Callable, *, warmup: int = DEFAULT_WARMUP, min_repeats: int = DEFAULT_MIN_REPEATS,
                     max_repeats: int = DEFAULT_MAX_REPEATS, target_ms: float = DEFAULT_TARGET_MS,
                     rotate_inputs: Sequence[Callable] | None = None, flush_l2: bool = False,
@@ -122,25 +143,14 @@ def time_cuda_graph(fn: Callable, *, warmup: int = DEFAULT_WARMUP, min_repeats: 
 
     _require_cuda()
     setters: list[Callable | None] = list(rotate_inputs) if rotate_inputs else [None]
-    # PyTorch's rule for capture: warm up on a side stream first, so lazy initialisation (cuBLAS handles and
-    # workspaces, allocator growth, autotuning) happens outside the graph.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            _run_pass(fn, setters)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-
-    calls_per_pass = len(setters)
-    graph = _capture(fn, setters, 1)
-    pass_us = _replay_us(graph, 3)
+    graph, pass_us = capture_graph(fn, setters, warmup=max(1, warmup))
     unroll = 1
     if not flush_l2 and pass_us < MIN_GRAPH_US:
         unroll = min(MAX_UNROLL, math.ceil(MIN_GRAPH_US / max(pass_us, 0.1)))
         del graph
-        graph = _capture(fn, setters, unroll)
-        pass_us = _replay_us(graph, 3) / unroll
+        graph, graph_us = capture_graph(fn, setters, warmup=0, unroll=unroll)
+        pass_us = graph_us / unroll
+    calls_per_pass = len(setters)
     calls = calls_per_pass * unroll
     graph_us = pass_us * unroll
 
