@@ -234,18 +234,27 @@ def time_eager(fn: Callable, *, warmup: int = DEFAULT_WARMUP, min_repeats: int =
     return summarize([start.elapsed_time(end) * 1000.0 / calls for start, end in pairs])
 
 
-def launched_kernels(fn: Callable) -> list[str]:
-    """Names of the GPU kernels one call of fn launches (after a warm-up call): which backend or tile a library
-    picked shows in them."""
+def run_and_list_kernels(fn: Callable):
+    """(what one call of fn returns, the names of the GPU kernels it launched in launch order), from torch's
+    profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():
         raise TimingError("listing the kernels a call launches needs a CUDA GPU and torch.cuda.is_available() is "
                           "False; run it on a GPU machine")
-    fn()
-    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, [event.name for event in prof.events() if event.device_type.name == "CUDA"]
+
+
+def launched_kernels(fn: Callable) -> list[str]:
+    """Names of the GPU kernels one call of fn launches (after a warm-up call), sorted: which backend or tile a
+    library picked shows in them."""
+    import torch
+
+    if torch.cuda.is_available():
         fn()
         torch.cuda.synchronize()
-    return sorted({event.key for event in prof.key_averages() if event.device_time_total > 0})
+    return sorted(set(run_and_list_kernels(fn)[1]))

@@ -16,6 +16,7 @@ from fusionsearch.config import LayerConfig
 from fusionsearch.errors import ConfigError
 from fusionsearch.plan import Plan, Segment, all_segments, enumerate_plans
 from fusionsearch.schedule import hopper_gemm, stages_of, uses_library_gemm
+from fusionsearch.timing import run_and_list_kernels
 from gpu_support import library_for
 
 pytestmark = pytest.mark.gpu
@@ -84,17 +85,6 @@ def _is_cutlass_kernel(name: str) -> bool:
     return "cutlass" in name and "device_kernel" in name
 
 
-def _run_and_list_kernels(run):
-    """(what run() returns, the names of the CUDA kernels it launched, in order), from torch's profiler."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        result = run()
-        torch.cuda.synchronize()
-    return result, [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_rows(dtype):
     import torch
@@ -109,7 +99,7 @@ def test_hopper_gemm_segments_match_reference_and_switch_to_cutlass_above_64_row
         cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
         library, weights = library_for(cfg), _weights(cfg)
         for segment in HOPPER_SEGMENTS:
-            budget, names = _run_and_list_kernels(
+            budget, names = run_and_list_kernels(
                 lambda: verify_segment(library, segment, weights, cfg, seed=batch))
             cutlass = any(_is_cutlass_kernel(n) for n in names)
             generated = any(n.startswith(f"fs_{segment.name}_") for n in names)
@@ -138,7 +128,7 @@ def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_f
         cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
         library, weights = library_for(cfg), _weights(cfg)
         for segment in ATTENTION_SEGMENTS:
-            budget, names = _run_and_list_kernels(
+            budget, names = run_and_list_kernels(
                 lambda: verify_segment(library, segment, weights, cfg, seed=batch + seq))
             wgmma = any("wgmma_attention_kernel" in n for n in names)
             expect_wgmma = sm90 and seq >= 128  # fs::sm90::kAttentionMinSeq
@@ -196,7 +186,7 @@ def test_plan_of_k_segments_launches_k_kernels():
         layer = FusedEncoderLayer(plan, weights, cfg, library=library)
         layer(x)  # first call sets kernel attributes
         torch.cuda.synchronize()
-        _, kernels = _run_and_list_kernels(lambda: layer(x))
+        _, kernels = run_and_list_kernels(lambda: layer(x))
         launched = [n for n in kernels if n.startswith("fs_seg_")]
         cutlass = [n for n in kernels if _is_cutlass_kernel(n)]
         generated = [s for s in plan.segments if not uses_library_gemm(s)]
