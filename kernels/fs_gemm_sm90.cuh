@@ -212,7 +212,7 @@ using SomeRowSegmentConfig = Config<Shape<_64, _64, _64>, Shape<_1, _1, _1>, Pin
 // group's main loop. Alone at 32768 rows: 277.5 against 285.8 µs for the cooperative tiles on an H100
 // (experiments/results/ffn1-tiles-h100/), 276.5 against 297.7 on an H200 (experiments/NOTES.md). The 64×64
 // epilogue tile, in place of CUTLASS's 64×32, halves the sub-tile rounds and doubles the independent elements of
-// each: with the lean GELU epilogue 260 against 278 µs alone at 64×512 fp16 on an H100
+// each: with the lean GELU epilogue 260 against 268 µs for CUTLASS's tile, alone at 64×512 fp16 on an H100
 // (experiments/results/ffn1-lean-epilogue-h100/).
 using PingpongFfn1Config =
     Config<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Pingpong, cutlass::gemm::PersistentScheduler, Shape<_64, _64>>;
