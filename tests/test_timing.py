@@ -4,13 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionsearch.timing import TimingError, launched_kernels, summarize, time_cuda_graph, time_eager
+from fusionsearch.timing import (TimingError, capture_graph, launched_kernels, run_and_list_kernels, summarize,
+                                 time_cuda_graph, time_eager)
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 
 
 @needs_no_cuda
-@pytest.mark.parametrize("measure", [time_cuda_graph, launched_kernels], ids=["graph timing", "kernel names"])
+@pytest.mark.parametrize("measure", [time_cuda_graph, capture_graph, launched_kernels, run_and_list_kernels],
+                         ids=["graph timing", "graph capture", "kernel names", "kernel names in order"])
 def test_gpu_only_measurements_name_what_is_missing_without_cuda(measure):
     with pytest.raises(TimingError, match="needs a CUDA GPU"):
         measure(lambda: None)
