@@ -6,29 +6,39 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 
 from experiment_scripts import load_experiment
 
 
 def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_to_write_its_summary(tmp_path):
     suite = load_experiment("gpu_suite")
-    marker = tmp_path / "report-written"
-    # Stands in for pytest: on SIGINT (KeyboardInterrupt) it writes its report and exits as pytest does (2).
+    marker, ready = tmp_path / "report-written", tmp_path / "ready"
+    # Stands in for pytest: on SIGINT (KeyboardInterrupt) it writes its report and exits as pytest does (2). It says
+    # when it is inside the try, so the signal cannot land while the interpreter still starts (a loaded machine
+    # may take seconds), which would test Python's start-up rather than the suite.
     child = textwrap.dedent(f"""
         import sys, time
         try:
-            time.sleep(30)
+            open({str(ready)!r}, "w").close()
+            time.sleep(60)
         except KeyboardInterrupt:
             open({str(marker)!r}, "w").write("interrupted")
             sys.exit(2)
     """)
+
     before = signal.getsignal(signal.SIGTERM)
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        code, stopped_by = suite.run_to_the_end([sys.executable, "-c", child], dict(os.environ))
-    finally:
-        timer.cancel()
+
+    def terminate_once_ready():  # the child inside its try and the suite's forwarding handler in place
+        deadline = time.monotonic() + 50
+        while (not ready.exists() or signal.getsignal(signal.SIGTERM) == before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_once_ready, daemon=True)
+    sender.start()
+    code, stopped_by = suite.run_to_the_end([sys.executable, "-c", child], dict(os.environ))
+    sender.join()
     assert (code, stopped_by) == (2, "SIGTERM")
     assert marker.read_text() == "interrupted"
     assert signal.getsignal(signal.SIGTERM) == before  # the forwarding handler is gone once the run is over
