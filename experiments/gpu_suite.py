@@ -62,17 +62,28 @@ def run_to_the_end(command: list[str], env: dict) -> tuple[int, str | None]:
     """Run `command` (pytest) in a session of its own. A SIGTERM or SIGINT to this process (a timeout, Ctrl-C)
     reaches it once, as SIGINT: pytest then stops after the current test and still writes its report, so the
     summary below keeps what ran. (exit code, name of the signal that stopped the run or None)."""
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
     stopped: list[str] = []
+    started: list[subprocess.Popen] = []
+    sent: list[bool] = []
+
+    def interrupt_once() -> None:
+        if stopped and started and not sent:
+            sent.append(True)
+            started[0].send_signal(signal.SIGINT)
 
     def forward(signum, _frame):
         if not stopped:
             stopped.append(signal.Signals(signum).name)
-            proc.send_signal(signal.SIGINT)
+        interrupt_once()
 
+    # The handlers go in before the start: a started program gets a handled signal back as the default, while an
+    # ignored one stays ignored, and a background job of a shell starts with SIGINT ignored. Python installs its
+    # KeyboardInterrupt only over the default, so pytest would not stop.
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = proc.wait()
+        started.append(subprocess.Popen(command, env=env, start_new_session=True))
+        interrupt_once()  # a signal that came while it started
+        code = started[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
