@@ -36,10 +36,15 @@ def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_
         if ready.exists() and signal.getsignal(signal.SIGTERM) != before:  # else the asserts below fail, no kill
             os.kill(os.getpid(), signal.SIGTERM)
 
+    # As in a shell's background job, which starts with SIGINT ignored: the suite must still stop its pytest.
+    interrupt_before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     sender = threading.Thread(target=terminate_once_ready, daemon=True)
     sender.start()
-    code, stopped_by = suite.run_to_the_end([sys.executable, "-c", child], dict(os.environ))
-    sender.join()
+    try:
+        code, stopped_by = suite.run_to_the_end([sys.executable, "-c", child], dict(os.environ))
+    finally:
+        sender.join()
+        signal.signal(signal.SIGINT, interrupt_before)
     assert (code, stopped_by) == (2, "SIGTERM")
     assert marker.read_text() == "interrupted"
     assert signal.getsignal(signal.SIGTERM) == before  # the forwarding handler is gone once the run is over
