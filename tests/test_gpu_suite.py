@@ -29,11 +29,14 @@ def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_
 
     before = signal.getsignal(signal.SIGTERM)
 
-    def terminate_once_ready():  # the child inside its try and the suite's forwarding handler in place
+    def armed() -> bool:  # the child inside its try and the suite's forwarding handler in place
+        return ready.exists() and signal.getsignal(signal.SIGTERM) != before
+
+    def terminate_once_ready():
         deadline = time.monotonic() + 50
-        while (not ready.exists() or signal.getsignal(signal.SIGTERM) == before) and time.monotonic() < deadline:
+        while not armed() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if ready.exists() and signal.getsignal(signal.SIGTERM) != before:  # else the asserts below fail, no kill
+        if armed():  # else the asserts below fail, with no signal sent
             os.kill(os.getpid(), signal.SIGTERM)
 
     # As in a shell's background job, which starts with SIGINT ignored: the suite must still stop its pytest.
