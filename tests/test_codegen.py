@@ -152,7 +152,8 @@ def test_resident_weight_dealing_covers_every_weight_once(tmp_path):
 
 @pytest.mark.nvcc
 def test_warpgroup_attention_copies_step_by_constants_in_the_swizzled_layouts(tmp_path):
-    # fs_attention_sm90.cuh works out each thread's shared-memory address once and steps it by 16 rows a copy.
+    # fs_attention_sm90.cuh works out each thread's shared-memory address once and steps it by 16 rows a copy; the
+    # fixture checks that on the swizzled addresses, and the swizzle as one XOR per 16-byte chunk.
     from fusionsearch.resources import cutlass_include_dirs
     binary = tmp_path / "attention_sm90_layout_check"
     fixture = Path(__file__).parent / "fixtures" / "attention_sm90_layout_check.cu"
