@@ -5,6 +5,8 @@
 
 The summary (DIR/gpu-tests-DATE{suffix}.md and DIR/gpu-suite{suffix}.json) names the device, the kernel sources
 hash, the command as it was given, the library builds (timed here, or by the tests themselves) and every test.
+Each test is also logged to DIR/gpu-progress{suffix}.jsonl as it finishes (tests/conftest.py), so that a run
+killed outright leaves which tests ran, and the summary is built from that log when pytest left no report.
 """
 from __future__ import annotations
 
@@ -106,6 +108,22 @@ def junit_cases(path: Path) -> list[dict]:
     return cases
 
 
+def progress_cases(path: Path) -> list[dict]:
+    """The tests tests/conftest.py logged as they finished, for a run that left no JUnit report (killed outright);
+    a torn last line is dropped."""
+    cases = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            cases.append(json.loads(line))
+        except ValueError:
+            continue
+    return cases
+
+
 def libraries_built_in_tests(session: Path) -> dict[str, float]:
     """Seconds per library that the tests built themselves (tests/gpu_support.py writes them); none if none."""
     try:
@@ -134,7 +152,10 @@ def summary_markdown(summary: dict) -> str:
     lines += [f"pytest -m gpu: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
               f"{counts['skipped']} skipped in {summary['pytest_wall_s']:.0f} s (exit {code})"
               + (f"; stopped by {stopped_by} before the end: the tests not listed did not run." if stopped_by else ".")]
-    if not cases:
+    if summary.get("tests_from") == "progress log":
+        lines.append("pytest wrote no report; the tests below are those it logged as they finished "
+                     f"({'none' if not cases else len(cases)}).")
+    elif not cases:
         lines.append("pytest wrote no report.")
     lines += ["", "| test | status | s |", "|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
@@ -163,19 +184,23 @@ def main() -> int:
             warm, _ = timed_build(dtype, cache)
             builds[dtype] = {"kernels": count, "cold_s": cold, "warm_load_s": warm}
             print(f"{dtype}: {count} kernels, cold build {cold:.1f} s, warm load {warm:.2f} s", flush=True)
-    junit = args.out / "gpu-junit.xml"
-    env = dict(os.environ, FUSIONSEARCH_GPU_TEST_CACHE=cache, FUSIONSEARCH_GPU_SUMMARY=str(args.out / "session.json"))
+    junit, progress = args.out / "gpu-junit.xml", args.out / f"gpu-progress{args.suffix}.jsonl"
+    env = dict(os.environ, FUSIONSEARCH_GPU_TEST_CACHE=cache, FUSIONSEARCH_GPU_SUMMARY=str(args.out / "session.json"),
+               FUSIONSEARCH_GPU_PROGRESS=str(progress))
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "--durations=0", f"--junitxml={junit}",
                *shlex.split(args.pytest_args)]
-    for stale in (junit, args.out / "session.json"):  # what an earlier run left must not pass for this one's
+    # What an earlier run left must not pass for this one's.
+    for stale in (junit, progress, args.out / "session.json"):
         stale.unlink(missing_ok=True)
     start = time.perf_counter()
     code, stopped_by = run_to_the_end(command, env)
     wall = time.perf_counter() - start
-    cases = junit_cases(junit)
+    tests_from = "JUnit report" if junit.is_file() else "progress log"
+    cases = junit_cases(junit) if junit.is_file() else progress_cases(progress)
     summary = {"date": dt.date.today().isoformat(), "device": facts, "command": shlex.join(["python", *sys.argv]),
                "builds": builds, "library_builds_in_tests_s": libraries_built_in_tests(args.out / "session.json"),
-               "pytest_exit": code, "pytest_wall_s": wall, "stopped_by": stopped_by, "tests": cases}
+               "pytest_exit": code, "pytest_wall_s": wall, "stopped_by": stopped_by, "tests_from": tests_from,
+               "tests": cases}
     (args.out / f"gpu-suite{args.suffix}.json").write_text(json.dumps(summary, indent=1))
     text = summary_markdown(summary)
     (args.out / f"gpu-tests-{summary['date']}{args.suffix}.md").write_text(text)

@@ -1,4 +1,5 @@
-"""Shared test setup: skip `gpu` tests without CUDA and `nvcc` tests without the compiler; a fresh cache per test."""
+"""Shared test setup: skip `gpu` tests without CUDA and `nvcc` tests without the compiler; a fresh cache per test;
+each finished test logged where experiments/gpu_suite.py asks for it."""
 from __future__ import annotations
 
 import shutil
@@ -21,6 +22,12 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs the nvcc compiler on PATH")
         for item in nvcc_items:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    from gpu_support import record_progress
+
+    record_progress(report)
 
 
 @pytest.fixture(autouse=True)

@@ -33,3 +33,30 @@ def library_for(cfg):
         if summary:
             Path(summary).write_text(json.dumps({"build_s": BUILD_TIMES}, indent=1))
     return _LIBRARIES[key]
+
+
+def progress_entry(report) -> dict | None:
+    """One finished test as the JUnit report would list it (name, seconds, status), from pytest's report of one of
+    its phases; None for the phases that add nothing (a passing setup or teardown)."""
+    if report.when == "call":
+        status = {"passed": "passed", "failed": "failure", "skipped": "skipped"}[report.outcome]
+    elif report.outcome == "skipped":
+        status = "skipped"
+    elif report.outcome == "failed":
+        status = "error"
+    else:
+        return None
+    return {"name": report.nodeid.split("::")[-1], "time_s": report.duration, "status": status}
+
+
+def record_progress(report) -> None:
+    """Append the test to $FUSIONSEARCH_GPU_PROGRESS as one JSON line, on disk before the next test starts: a run
+    killed outright (a device call's time running out) still leaves which tests passed."""
+    path = os.environ.get("FUSIONSEARCH_GPU_PROGRESS")
+    entry = progress_entry(report) if path else None
+    if entry is None:
+        return
+    with open(path, "a") as log:
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+        os.fsync(log.fileno())

@@ -1,14 +1,20 @@
-"""experiments/gpu_suite.py without a GPU: a stopped run still ends in a report, and JUnit reports are read."""
+"""experiments/gpu_suite.py without a GPU: a stopped run still ends in a report, JUnit reports are read, and each
+finished test is logged for a run killed before pytest writes its report."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 from experiment_scripts import load_experiment
+from gpu_support import progress_entry, record_progress
 
 
 def test_a_sigterm_to_the_suite_reaches_the_tests_as_sigint_and_the_suite_lives_to_write_its_summary(tmp_path):
@@ -93,3 +99,48 @@ def test_the_summary_names_the_command_the_builds_inside_the_tests_and_a_stop(tm
     assert "fp16 h768 n12 ff3072 116.1 s" in text
     assert "1 passed, 1 failed, 0 errors, 0 skipped in 300 s (exit 2); stopped by SIGTERM" in text
     assert "| test_b | failure | 0.5 |" in text
+
+
+def test_each_finished_test_is_logged_as_the_junit_report_would_list_it(tmp_path, monkeypatch):
+    def report(when, outcome):
+        return SimpleNamespace(when=when, outcome=outcome, nodeid="tests/t.py::test_x[fp16]", duration=1.5)
+
+    assert progress_entry(report("setup", "passed")) is None and progress_entry(report("teardown", "passed")) is None
+    assert progress_entry(report("call", "failed")) == {"name": "test_x[fp16]", "time_s": 1.5, "status": "failure"}
+    assert progress_entry(report("setup", "skipped"))["status"] == "skipped"
+    assert progress_entry(report("setup", "failed"))["status"] == "error"
+    log = tmp_path / "progress.jsonl"
+    monkeypatch.delenv("FUSIONSEARCH_GPU_PROGRESS", raising=False)
+    record_progress(report("call", "passed"))
+    assert not log.exists()
+    monkeypatch.setenv("FUSIONSEARCH_GPU_PROGRESS", str(log))
+    record_progress(report("call", "passed"))
+    record_progress(report("teardown", "passed"))
+    assert [json.loads(line)["status"] for line in log.read_text().splitlines()] == ["passed"]
+
+
+def test_the_conftest_logs_a_real_run_and_the_suite_reads_the_log_back(tmp_path):
+    log = tmp_path / "gpu-progress.jsonl"
+    test = "tests/test_mask.py::test_sixteen_character_bit_string_is_binary_not_decimal"
+    env = dict(os.environ, FUSIONSEARCH_GPU_PROGRESS=str(log))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:]
+    with open(log, "a") as torn:  # a run killed while it wrote its last line
+        torn.write('{"name": "test_y", "ti')
+    suite = load_experiment("gpu_suite")
+    cases = suite.progress_cases(log)
+    assert [(c["name"], c["status"]) for c in cases] == [(test.split("::")[-1], "passed")]
+    assert suite.progress_cases(tmp_path / "missing.jsonl") == []
+
+
+def test_a_summary_from_the_progress_log_says_so():
+    suite = load_experiment("gpu_suite")
+    device = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "sm_count": 132, "torch": "2.11.0", "cuda": "13.0",
+              "nvcc": "Build cuda_13.0", "cpus": 16, "kernel_sources_hash": "070e64e72738150e"}
+    summary = {"date": "2026-12-06", "device": device, "command": "python experiments/gpu_suite.py", "builds": {},
+               "library_builds_in_tests_s": {}, "pytest_exit": -9, "pytest_wall_s": 120.0, "stopped_by": None,
+               "tests_from": "progress log", "tests": [{"name": "test_a", "time_s": 100.0, "status": "passed"}]}
+    text = suite.summary_markdown(summary)
+    assert "pytest wrote no report; the tests below are those it logged as they finished (1)." in text
+    assert "| test_a | passed | 100.0 |" in text
