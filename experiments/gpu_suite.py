@@ -195,8 +195,10 @@ def main() -> int:
     start = time.perf_counter()
     code, stopped_by = run_to_the_end(command, env)
     wall = time.perf_counter() - start
-    tests_from = "JUnit report" if junit.is_file() else "progress log"
-    cases = junit_cases(junit) if junit.is_file() else progress_cases(progress)
+    if junit.is_file():
+        tests_from, cases = "JUnit report", junit_cases(junit)
+    else:
+        tests_from, cases = "progress log", progress_cases(progress)
     summary = {"date": dt.date.today().isoformat(), "device": facts, "command": shlex.join(["python", *sys.argv]),
                "builds": builds, "library_builds_in_tests_s": libraries_built_in_tests(args.out / "session.json"),
                "pytest_exit": code, "pytest_wall_s": wall, "stopped_by": stopped_by, "tests_from": tests_from,
