@@ -133,7 +133,9 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   constexpr int kD = W::kD, BQ = W::BQ;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ char smem_raw[];
-  auto& sm = *reinterpret_cast<typename W::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Rounded up to 1024 bytes by pointer arithmetic, not through an integer, so that the compiler still knows an
+  // access through `sm` is to shared memory (LDS/STS, not generic loads and stores).
+  auto& sm = *reinterpret_cast<typename W::Smem*>(smem_raw + (1024u - smem_addr(smem_raw) % 1024u) % 1024u);
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename W::LayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(sm.k), typename W::LayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(sm.v), typename W::LayoutVt{});
@@ -238,9 +240,17 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   {
     int last_open = -1;
     if (a.key_bias != nullptr && kv_tiles >= kSkipPaddingMinTiles) {
+      // kScan keys a thread per round, all loads issued before any is compared: one memory latency a round.
+      constexpr int kScan = 4;
       const float* row_bias = a.key_bias + static_cast<long long>(b) * S;
-      for (int key = tid; key < S; key += W::kThreads)
-        if (row_bias[key] * kLog2e > -FLT_MAX) last_open = key;  // open as finish_bias sees it
+      for (int key0 = tid; key0 < S; key0 += kScan * W::kThreads) {
+        float bias[kScan];
+#pragma unroll
+        for (int j = 0; j < kScan; ++j) bias[j] = key0 + j * W::kThreads < S ? row_bias[key0 + j * W::kThreads] : -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kScan; ++j)
+          if (bias[j] * kLog2e > -FLT_MAX) last_open = key0 + j * W::kThreads;  // open as finish_bias sees it
+      }
     } else {
       last_open = S - 1;
     }
@@ -249,17 +259,17 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   }
   cp_async_wait<0>();
   if constexpr (FROM_QKV) {
-    // Operator 1's Q bias on the chunks this thread copied, rounded to T as the split would store it.
-    const T* q_bias = static_cast<const T*>(a.b_qkv) + h * kD;
+    // Operator 1's Q bias on the chunks this thread copied (column c0 of every kRowStep-th row), rounded to T as
+    // the split would store it.
+    float bias[8];
+    load8(static_cast<const T*>(a.b_qkv) + h * kD + c0, bias);
 #pragma unroll
-    for (int c = tid; c < BQ * (kD / 8); c += W::kThreads) {
-      const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-      T* chunk = reinterpret_cast<T*>(raw_pointer_cast(&sQ(r, col)));
-      float q[8], bias[8];
+    for (int i = 0; i < BQ / kRowStep; ++i) {
+      T* chunk = reinterpret_cast<T*>(q_dst + i * kRowStep * kD);
+      float q[8];
       load8(chunk, q);
-      load8(q_bias + col, bias);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) q[i] += bias[i];
+      for (int j = 0; j < 8; ++j) q[j] += bias[j];
       store8(chunk, q);
     }
   }
@@ -304,11 +314,18 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
   fence_async_shared();
   __syncthreads();
   wgmma_batch<false>(mma_o, tOrP, tOrV(_, _, _, (kv_end - 1) % 2), tOrO);
+  // Operator 1's V bias at this thread's output columns n·8 + (lane % 4)·2, loaded under the last P·V MMA.
+  using Pair = typename Elem<T>::Pair;
+  Pair v_bias[kD / 8];
+  CUTE_UNROLL
+  for (int n = 0; n < kD / 8; ++n)
+    v_bias[n] = FROM_QKV ? reinterpret_cast<const Pair*>(static_cast<const T*>(a.b_qkv) + 2 * D::hidden + h * kD +
+                                                         (lane % 4) * 2)[n * 4]
+                         : Pair{};
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
 
-  // Normalise, add operator 1's V bias, stage the rows in sQ (no MMA reads it any more), then 16-byte stores.
-  const T* v_bias = static_cast<const T*>(a.b_qkv) + 2 * D::hidden + h * kD + (lane % 4) * 2;
+  // Normalise, add the V bias, stage the rows in sQ (no MMA reads it any more), then 16-byte stores.
   float inv[2];
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
@@ -317,21 +334,30 @@ __global__ void __launch_bounds__(128, BLOCKS) wgmma_attention_kernel(const Laye
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     inv[r] = 1.f / l;
   }
+  // This thread holds rows row0 and row0 + 8 (row0 = 16·warp + lane / 4) at columns n·8 + (lane % 4)·2. sQ's
+  // 128-byte rows hold 16-byte chunk n at chunk n ^ (row % 8), and row % 8 = (lane / 4) % 8 for both rows: every
+  // store is an XOR off one base address (the layout's own arithmetic cost about 10 instructions a store).
+  const int row0 = warp * 16 + lane / 4, swizzle = (lane / 4) % 8;
+  E* const stage = sm.q + row0 * kD + (lane % 4) * 2;
   CUTE_UNROLL
   for (int i = 0; i < size(tOrO); i += 2) {
     const int n = i / 4, r = (i / 2) % 2;
-    const int row = warp * 16 + lane / 4 + r * 8, col = n * 8 + (lane % 4) * 2;
-    const float b0 = FROM_QKV ? to_f(v_bias[n * 8]) : 0.f, b1 = FROM_QKV ? to_f(v_bias[n * 8 + 1]) : 0.f;
-    store2(reinterpret_cast<T*>(raw_pointer_cast(&sQ(row, col))), fmaf(tOrO(i), inv[r], b0), fmaf(tOrO(i + 1), inv[r], b1));
+    const float b0 = FROM_QKV ? to_f(v_bias[n].x) : 0.f, b1 = FROM_QKV ? to_f(v_bias[n].y) : 0.f;
+    store2(reinterpret_cast<T*>(stage + r * 8 * kD + (n ^ swizzle) * 8), fmaf(tOrO(i), inv[r], b0),
+           fmaf(tOrO(i + 1), inv[r], b1));
   }
   __syncthreads();
+  // Back out in the copies' order: column c0 of every kRowStep-th row from r0 on, at q_dst's addresses (worked out
+  // again from sm.q: q_dst's 64-bit generic address kept across the key-tile loop spilled).
+  const E* const staged = sm.q + r0 * kD + ((c0 / 8) ^ (r0 % 8)) * 8;
+  T* dst = MERGE_HEADS ? static_cast<T*>(a.ctx) + (static_cast<long long>(b) * S + q0 + r0) * D::hidden + h * kD + c0
+                       : static_cast<T*>(a.ctx_heads) + (static_cast<long long>(bh) * S + q0 + r0) * kD + c0;
+  constexpr long long kDstRowStride = MERGE_HEADS ? D::hidden : kD;
 #pragma unroll
-  for (int c = tid; c < BQ * (kD / 8); c += W::kThreads) {
-    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8, q = q0 + r;
-    if (q >= S) continue;
-    T* dst = MERGE_HEADS ? static_cast<T*>(a.ctx) + (static_cast<long long>(b) * S + q) * D::hidden + h * kD + col
-                         : static_cast<T*>(a.ctx_heads) + (static_cast<long long>(bh) * S + q) * kD + col;
-    *reinterpret_cast<Vec8<T>*>(dst) = *reinterpret_cast<const Vec8<T>*>(raw_pointer_cast(&sQ(r, col)));
+  for (int i = 0; i < BQ / kRowStep; ++i) {
+    if (q0 + r0 + i * kRowStep >= S) break;
+    *reinterpret_cast<Vec8<T>*>(dst + i * kRowStep * kDstRowStride) =
+        *reinterpret_cast<const Vec8<T>*>(staged + i * kRowStep * kD);
   }
 #endif
 }

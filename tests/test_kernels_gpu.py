@@ -123,8 +123,10 @@ def test_hopper_attention_segments_match_reference_and_switch_to_warpgroup_mma_f
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     failures = []
     # 127 keys: below the switch (the mma.sync kernel); 128 and 255: 64-key tiles, ragged at 255; 256 exactly two
-    # tiles of queries and keys; ragged tiles of both at 2×499 and 3×300; 1024 keys: eight key tiles.
-    for batch, seq in ((2, 127), (2, 128), (2, 255), (2, 256), (2, 499), (3, 300), (1, 1024)):
+    # tiles of queries and keys; ragged tiles of both at 2×499 and 3×300; 1024 keys: eight key tiles. 24×200,
+    # 16×300 and 6×1000 have more items of 64 query rows than an H100 holds blocks at once (64- and 128-key tiles).
+    for batch, seq in ((2, 127), (2, 128), (2, 255), (2, 256), (2, 499), (3, 300), (1, 1024), (24, 200), (16, 300),
+                       (6, 1000)):
         cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
         library, weights = library_for(cfg), _weights(cfg)
         for segment in ATTENTION_SEGMENTS:
