@@ -9,6 +9,9 @@ builds its plans' libraries into a cache of its own, all at once, then `plan_ab.
 each variant, ... so that a drift of the machine shows up as a difference between rounds rather than between
 trees. Every plan is checked against fp32 in every round; --check-attention also runs check_attention.py on each
 variant while the trees build. Writes DIR/ab-<tree>-r<round>.json, DIR/ab.log and the table DIR/ab.md.
+
+--decide KERNEL (e.g. _fa for the attention segment) also writes DIR/verdict.json, keep or lose per variant, so
+that one device call can go on to build and test the kept tree, which --work keeps at WORK/<patch name>.
 """
 from __future__ import annotations
 
@@ -50,6 +53,18 @@ def tree_env(tree: Path, cache: Path) -> dict:
                 PYTHONUNBUFFERED="1")
 
 
+def medians(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> list[float]:
+    """One tree's medians by round of kernel `name` ("plan" for the whole plan) in case number `case`."""
+    rows = [rounds[case] for rounds in runs[tree]]
+    return [(r["plan"] if name == "plan" else r["segments"][name])["median"] for r in rows]
+
+
+def change(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> float:
+    """A variant's change of the mean over the rounds against the base's, in percent."""
+    base, other = medians(runs, "base", case, name), medians(runs, tree, case, name)
+    return 100 * (sum(other) / len(other) / (sum(base) / len(base)) - 1)
+
+
 def table(runs: dict[str, list[list[dict]]]) -> list[str]:
     """Markdown rows: per case and kernel, each tree's medians by round, and each variant's change of the mean
     against the base. `runs` maps tree names (base first) to rounds of plan_ab.py rows."""
@@ -59,18 +74,30 @@ def table(runs: dict[str, list[list[dict]]]) -> list[str]:
              "|---|---|---|---|" + "---|---|" * len(variants)]
     for i, first in enumerate(runs["base"][0]):
         for name in ["plan", *first["segments"]]:
-            def medians(tree: str) -> list[float]:
-                rows = [rounds[i] for rounds in runs[tree]]
-                return [(r["plan"] if name == "plan" else r["segments"][name])["median"] for r in rows]
-
-            base = medians("base")
-            cells = [" / ".join(f"{v:.1f}" for v in base)]
+            cells = [" / ".join(f"{v:.1f}" for v in medians(runs, "base", i, name))]
             for tree in variants:
-                other = medians(tree)
-                change = 100 * (sum(other) / len(other) / (sum(base) / len(base)) - 1)
-                cells += [" / ".join(f"{v:.1f}" for v in other), f"{change:+.1f} %"]
+                cells += [" / ".join(f"{v:.1f}" for v in medians(runs, tree, i, name)),
+                          f"{change(runs, tree, i, name):+.1f} %"]
             lines.append(f"| {first['dtype']} | {first['shape']} ({first['mask']}) | {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def verdicts(runs: dict[str, list[list[dict]]], kernel: str, gain: float = 1.0, slack: float = 1.0) -> dict:
+    """Per variant, whether to keep it: the kernels whose name ends in `kernel` (e.g. "_fa", "seg_10_11") are
+    faster by more than `gain` percent on average over the cases holding one, and no plan is slower by more than
+    `slack` percent. A script can then go on in the same device call (build and test the kept tree)."""
+    cases = [(i, name) for i, row in enumerate(runs["base"][0]) for name in row["segments"] if name.endswith(kernel)]
+    if not cases:
+        raise SystemExit(f"kernel_ab: no kernel of the cases ends in {kernel!r}; give the end of a segment name "
+                         "such as _fa or seg_10_11")
+    result = {}
+    for tree in (t for t in runs if t != "base"):
+        kernel_change = sum(change(runs, tree, i, name) for i, name in cases) / len(cases)
+        worst_plan = max(change(runs, tree, i, "plan") for i in range(len(runs["base"][0])))
+        result[tree] = {"kernel": kernel, "kernel_change_pct": round(kernel_change, 2),
+                        "worst_plan_change_pct": round(worst_plan, 2),
+                        "keep": kernel_change < -gain and worst_plan < slack}
+    return result
 
 
 def main() -> int:
@@ -83,6 +110,9 @@ def main() -> int:
     parser.add_argument("--check-attention", action="store_true",
                         help="check each variant's attention forms too, in fp16 and bf16")
     parser.add_argument("--work", type=Path, default=None, help="folder for the copy and both caches (default: temp)")
+    parser.add_argument("--decide", metavar="KERNEL", default=None,
+                        help="also write DIR/verdict.json: keep a variant whose kernels ending in KERNEL are faster "
+                             "by more than 1 %% on average and whose plans are none more than 1 %% slower")
     args = parser.parse_args()
     for patch in args.patch:
         if not patch.is_file():
@@ -91,6 +121,17 @@ def main() -> int:
     if "base" in names or len(set(names)) < len(names):
         parser.exit(2, f"kernel_ab: variants are named after their patch files ({', '.join(names)}); give each "
                        "patch a distinct name other than 'base'\n")
+    if args.decide:
+        from fusionsearch.mask import decode
+        from plan_ab import DEFAULT_CASES, parse_case
+        try:
+            cases = [parse_case(case) for case in args.cases or DEFAULT_CASES]
+        except argparse.ArgumentTypeError as error:
+            parser.exit(2, f"kernel_ab: {error}\n")
+        kernels = {seg.name for _, mask in cases for seg in decode(mask).segments}
+        if not any(name.endswith(args.decide) for name in kernels):
+            parser.exit(2, f"kernel_ab: no kernel of the cases ends in {args.decide!r} (they are "
+                           f"{', '.join(sorted(kernels))}); give the end of one, such as _fa\n")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="fs-ab-"))
     trees = {"base": ROOT}
@@ -133,6 +174,12 @@ def main() -> int:
              "µs: medians of CUDA-event timings over graph replays.", "", *table(runs)]
     (args.out / "ab.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.decide:
+        verdict = verdicts(runs, args.decide)
+        (args.out / "verdict.json").write_text(json.dumps(verdict, indent=1) + "\n")
+        for tree, v in verdict.items():
+            print(f"{tree}: {'keep' if v['keep'] else 'lose'} ({args.decide} {v['kernel_change_pct']:+.1f} % on "
+                  f"average, worst plan {v['worst_plan_change_pct']:+.1f} %)")
     return 0
 
 

@@ -68,3 +68,38 @@ def test_variants_need_distinct_patch_names(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         ab.main()
     assert stop.value.code == 2 and "distinct name" in capsys.readouterr().err
+
+
+def test_verdict_keeps_a_variant_only_if_its_kernel_gains_and_no_plan_loses():
+    ab = load_experiment("kernel_ab")
+
+    def rounds(*cases: tuple[float, float]) -> list[list[dict]]:
+        rows = [{"dtype": "fp16", "shape": shape, "mask": 48932, "plan": {"median": plan},
+                 "segments": {"seg_00_00": {"median": 50.0}, "seg_01_06_fa": {"median": attention}}}
+                for shape, (plan, attention) in zip(("64x512", "16x512"), cases)]
+        return [rows, rows]
+
+    runs = {"base": rounds((1000.0, 100.0), (250.0, 40.0)),
+            "faster": rounds((990.0, 96.0), (249.0, 39.0)),        # attention −3.25 % on average, plans faster
+            "plan_slower": rounds((990.0, 96.0), (253.0, 39.0)),   # the 16x512 plan +1.2 %
+            "too_little": rounds((999.0, 99.5), (250.0, 39.8))}    # attention −0.5 %
+    verdict = ab.verdicts(runs, "_fa")
+    assert verdict["faster"] == {"kernel": "_fa", "kernel_change_pct": -3.25, "worst_plan_change_pct": -0.4,
+                                 "keep": True}
+    assert not verdict["plan_slower"]["keep"] and verdict["plan_slower"]["worst_plan_change_pct"] == 1.2
+    assert not verdict["too_little"]["keep"] and verdict["too_little"]["kernel_change_pct"] == -0.5
+    with pytest.raises(SystemExit, match="ends in '_gelu'"):
+        ab.verdicts(runs, "_gelu")
+
+
+def test_decide_names_the_kernels_of_the_cases_before_any_build(tmp_path, capsys, monkeypatch):
+    ab = load_experiment("kernel_ab")
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))  # as when the script runs from its folder
+    patch = ROOT / "experiments" / "patches" / "attention-128-key-tiles.patch"
+    monkeypatch.setattr(sys, "argv", ["kernel_ab.py", "--patch", str(patch), "--out", str(tmp_path / "out"),
+                                      "--cases", "16x128:48996", "--decide", "_gelu"])
+    with pytest.raises(SystemExit) as stop:
+        ab.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "ends in '_gelu'" in err and "seg_01_06_fa" in err
+    assert not (tmp_path / "out").exists()
