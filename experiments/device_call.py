@@ -1,0 +1,172 @@
+"""One device call that decides for itself: an optional A/B, then the proof of whatever tree won, sized to the time.
+
+    python3 experiments/device_call.py --limit 570 --out /tmp/call --tar $OUT/call.tgz --wheels .whl \
+        [--ab A.patch B.patch --cases 1x32:32768 --dtypes fp16 bf16 --rounds 3 --decide seg_00_14_fa] \
+        [--steps build kernels harness report]
+
+Steps run in order, each only if its usual duration (ESTIMATES, from a warm H100 or H200) fits the seconds left,
+and each under a timeout of what is left, so the call returns before the device's limit kills it:
+  ab       kernel_ab.py with --decide; the kept variant with the largest gain is applied to this checkout (on
+           the device, the call's copy of the tree), so the steps after it build and prove that variant;
+  build    both full libraries, in parallel, into --cache (a warm machine keeps /tmp between calls);
+  kernels  the kernel GPU tests (gpu_suite.py --suffix=-kernels) on the cache;
+  harness  the harness GPU tests (--suffix=-harness);
+  report   perf_report.py into OUT/perf/perf-<h100|h200> (records beside it).
+OUT/steps.json says what ran, for how long, with which exit code, on which kernel hash. --tar packs OUT into one
+file, since a call brings back at most 8 files. --wheels installs the wheels the device lacks into /tmp/site first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("ab", "build", "kernels", "harness", "report")
+# Seconds a step usually takes on a warm machine (experiments/NOTES.md, "Device time per step"); a step starts
+# only if this much is left. The A/B's figure is for a few cases; a larger one takes longer.
+ESTIMATES = {"ab": 120, "build": 190, "kernels": 45, "harness": 290, "report": 410}
+MARGIN = 10  # seconds kept back for packing the results
+BUILD = ("import sys; from fusionsearch.config import LayerConfig; from fusionsearch.runtime import KernelLibrary; "
+         "KernelLibrary.get(LayerConfig(dtype=sys.argv[1]))")
+
+
+def plan(steps: list[str], left: float, estimates: dict[str, float] = ESTIMATES) -> list[str]:
+    """The steps that fit `left` seconds in order, skipping any that does not fit (a later, shorter one may)."""
+    chosen = []
+    for step in steps:
+        if estimates[step] + MARGIN <= left:
+            chosen.append(step)
+            left -= estimates[step]
+    return chosen
+
+
+def kept_variant(verdict: dict) -> str | None:
+    """The kept variant with the largest gain on the decided kernel, or None."""
+    kept = [(v["kernel_change_pct"], name) for name, v in verdict.items() if v["keep"]]
+    return min(kept)[1] if kept else None
+
+
+def apply_patch(patch: Path) -> None:
+    command = ["git", "apply", str(patch)] if shutil.which("git") else ["patch", "-p1", "-s", "-i", str(patch)]
+    subprocess.run(command, cwd=ROOT, check=True)
+
+
+def sources_hash() -> str:
+    result = subprocess.run([sys.executable, "-c", "from fusionsearch.resources import sources_hash as h; print(h())"],
+                            cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or result.stderr.strip()[-200:]
+
+
+def gpu_tag() -> str:
+    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                            capture_output=True, text=True)
+    return "h200" if "H200" in result.stdout else "h100"
+
+
+def install_wheels(folder: Path) -> None:
+    """The device lacks some packages and has no internet: install carried wheels into /tmp/site."""
+    wheels = sorted(str(w) for w in folder.glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"device_call: no wheels in {folder}; run ../shared/device-wheels.sh and carry .whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", "/tmp/site", *wheels], check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(["/tmp/site", str(ROOT), os.environ.get("PYTHONPATH", "")])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=float, required=True, help="seconds this call may run (the device's limit_s)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tar", type=Path, default=None, help="pack OUT into this .tgz at the end")
+    parser.add_argument("--wheels", type=Path, default=None, help="folder of wheels to install first")
+    parser.add_argument("--cache", default="/tmp/cacheC", help="build cache shared by the steps")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=["build", "kernels", "harness"])
+    parser.add_argument("--ab", nargs="+", type=Path, default=None, metavar="PATCH",
+                        help="A/B these patches first (adds the ab step) and keep the best kept one")
+    parser.add_argument("--cases", nargs="+", default=None, help="kernel_ab.py --cases")
+    parser.add_argument("--dtypes", nargs="+", default=["fp16"], help="kernel_ab.py --dtypes")
+    parser.add_argument("--rounds", type=int, default=3, help="kernel_ab.py --rounds")
+    parser.add_argument("--decide", default=None, help="kernel_ab.py --decide (required with --ab)")
+    args = parser.parse_args()
+    if args.ab and not args.decide:
+        parser.exit(2, "device_call: --ab needs --decide KERNEL (e.g. _fa) to pick the tree that goes on\n")
+    start = time.monotonic()
+    left = lambda: args.limit - (time.monotonic() - start)  # noqa: E731
+    if args.wheels:
+        install_wheels(args.wheels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = (["ab"] if args.ab else []) + [s for s in args.steps if s != "ab"]
+    log: list[dict] = []
+
+    def run(name: str, command: list[str], env: dict | None = None) -> int:
+        began = time.monotonic()
+        with open(args.out / f"{name}.log", "w") as out:
+            try:
+                code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      timeout=max(1.0, left() - MARGIN)).returncode
+            except subprocess.TimeoutExpired:
+                code = 124
+        log.append({"step": name, "exit": code, "seconds": round(time.monotonic() - began, 1),
+                    "hash": sources_hash()})
+        (args.out / "steps.json").write_text(json.dumps(log, indent=1) + "\n")
+        print(f"{name}: exit {code} after {log[-1]['seconds']} s, {left():.0f} s left", flush=True)
+        return code
+
+    cache_env = dict(os.environ, FUSIONSEARCH_CACHE_DIR=args.cache)
+    for step in steps:
+        if not plan([step], left()):
+            print(f"{step}: skipped, {left():.0f} s left and it usually takes {ESTIMATES[step]} s", flush=True)
+            log.append({"step": step, "skipped": True, "left_s": round(left())})
+            continue
+        if step == "ab":
+            command = [sys.executable, "experiments/kernel_ab.py", "--patch", *map(str, args.ab), "--out",
+                       str(args.out / "ab"), "--rounds", str(args.rounds), "--dtypes", *args.dtypes,
+                       "--decide", args.decide, *(["--cases", *args.cases] if args.cases else [])]
+            if run("ab", command) == 0:
+                verdict = json.loads((args.out / "ab" / "verdict.json").read_text())
+                kept = kept_variant(verdict)
+                if kept:
+                    apply_patch(next(p for p in args.ab if p.stem == kept).resolve())
+                log[-1]["kept"] = kept
+        elif step == "build":
+            began = time.monotonic()
+            logs = [open(args.out / f"build-{dtype}.log", "w") for dtype in ("fp16", "bf16")]
+            jobs = [subprocess.Popen([sys.executable, "-c", BUILD, dtype], cwd=ROOT, env=cache_env, stdout=out,
+                                     stderr=subprocess.STDOUT) for dtype, out in zip(("fp16", "bf16"), logs)]
+            codes = []
+            for job in jobs:
+                try:
+                    codes.append(job.wait(timeout=max(1.0, left() - MARGIN)))
+                except subprocess.TimeoutExpired:
+                    job.kill()
+                    codes.append(124)
+            for out in logs:
+                out.close()
+            log.append({"step": "build", "exit": max(codes), "seconds": round(time.monotonic() - began, 1),
+                        "hash": sources_hash()})
+            print(f"build: exit codes {codes}", flush=True)
+        elif step in ("kernels", "harness"):
+            tests = "tests/test_kernels_gpu.py" if step == "kernels" else "tests/test_bench_gpu.py"
+            run(step, [sys.executable, "experiments/gpu_suite.py", "--skip-builds", "--cache", args.cache,
+                       "--out", str(args.out / "suite"), f"--suffix=-{step}", "--pytest-args", tests])
+        elif step == "report":
+            stem = args.out / "perf" / f"perf-{gpu_tag()}"
+            stem.parent.mkdir(exist_ok=True)
+            run("report", [sys.executable, "experiments/perf_report.py", "--extra-masks", "32768", "48996", "48934",
+                           "48932", "--out", str(stem)], env=cache_env)
+    (args.out / "steps.json").write_text(json.dumps(log, indent=1) + "\n")
+    if args.tar:
+        with tarfile.open(args.tar, "w:gz") as tar:
+            tar.add(args.out, arcname=args.out.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

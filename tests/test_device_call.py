@@ -1,0 +1,51 @@
+"""experiments/device_call.py without a GPU: which steps fit the time left, which variant goes on, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from experiment_scripts import load_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_steps_run_in_order_while_they_fit_and_a_shorter_later_one_still_runs():
+    call = load_experiment("device_call")
+    estimates = {"ab": 100, "build": 200, "kernels": 40, "harness": 300, "report": 400}
+    steps = ["ab", "build", "kernels", "harness", "report"]
+    assert call.plan(steps, 2000, estimates) == steps
+    # 100 + 200 + 40 leave 260 - the harness (300) and the report (400) do not fit.
+    assert call.plan(steps, 600, estimates) == ["ab", "build", "kernels"]
+    assert call.plan(["report", "kernels"], 300, estimates) == ["kernels"]
+    assert call.plan(steps, call.MARGIN + 39, estimates) == []
+
+
+def test_the_kept_variant_with_the_largest_gain_goes_on():
+    call = load_experiment("device_call")
+    verdict = {"a": {"keep": True, "kernel_change_pct": -1.2}, "b": {"keep": True, "kernel_change_pct": -1.4},
+               "c": {"keep": False, "kernel_change_pct": -3.0}}
+    assert call.kept_variant(verdict) == "b"
+    assert call.kept_variant({"c": verdict["c"]}) is None
+
+
+def test_steps_that_do_not_fit_are_skipped_and_the_results_still_packed(tmp_path):
+    out, tar = tmp_path / "call", tmp_path / "call.tgz"
+    result = subprocess.run([sys.executable, "experiments/device_call.py", "--limit", "30", "--out", str(out),
+                             "--tar", str(tar), "--steps", "harness", "report"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert "harness: skipped" in result.stdout and "report: skipped" in result.stdout
+    steps = json.loads((out / "steps.json").read_text())
+    assert [s["step"] for s in steps] == ["harness", "report"] and all(s["skipped"] for s in steps)
+    with tarfile.open(tar) as packed:
+        assert "call/steps.json" in packed.getnames()
+
+
+def test_an_ab_without_a_kernel_to_decide_on_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "experiments/device_call.py", "--limit", "30", "--out", str(tmp_path),
+                             "--ab", "experiments/patches/resident-slices-per-warp.patch"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--ab needs --decide" in result.stderr
