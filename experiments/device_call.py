@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_suite import BUILD  # noqa: E402
+from kernel_ab import apply_patch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("ab", "build", "kernels", "harness", "report")
@@ -33,8 +36,6 @@ STEPS = ("ab", "build", "kernels", "harness", "report")
 # only if this much is left. The A/B's figure is for a few cases; a larger one takes longer.
 ESTIMATES = {"ab": 120, "build": 190, "kernels": 45, "harness": 290, "report": 410}
 MARGIN = 10  # seconds kept back for packing the results
-BUILD = ("import sys; from fusionsearch.config import LayerConfig; from fusionsearch.runtime import KernelLibrary; "
-         "KernelLibrary.get(LayerConfig(dtype=sys.argv[1]))")
 
 
 def plan(steps: list[str], left: float, estimates: dict[str, float] = ESTIMATES) -> list[str]:
@@ -51,11 +52,6 @@ def kept_variant(verdict: dict) -> str | None:
     """The kept variant with the largest gain on the decided kernel, or None."""
     kept = [(v["kernel_change_pct"], name) for name, v in verdict.items() if v["keep"]]
     return min(kept)[1] if kept else None
-
-
-def apply_patch(patch: Path) -> None:
-    command = ["git", "apply", str(patch)] if shutil.which("git") else ["patch", "-p1", "-s", "-i", str(patch)]
-    subprocess.run(command, cwd=ROOT, check=True)
 
 
 def sources_hash() -> str:
@@ -133,7 +129,10 @@ def main() -> int:
                 verdict = json.loads((args.out / "ab" / "verdict.json").read_text())
                 kept = kept_variant(verdict)
                 if kept:
-                    apply_patch(next(p for p in args.ab if p.stem == kept).resolve())
+                    patch = next(p for p in args.ab if p.stem == kept).resolve()
+                    result = apply_patch(patch, ROOT)
+                    if result.returncode:
+                        raise SystemExit(f"device_call: the kept {patch} does not apply: {result.stderr.strip()}")
                 log[-1]["kept"] = kept
         elif step == "build":
             began = time.monotonic()

@@ -30,6 +30,12 @@ CODE = ("fusionsearch", "kernels", "templates", "experiments", "tests", "pyproje
 NOT_CODE = ("data", "results", "patches", "__pycache__")
 
 
+def apply_patch(patch: Path, tree: Path) -> subprocess.CompletedProcess:
+    """The patch applied to the files under tree: `git apply`, or `patch -p1` where git is missing."""
+    command = ["git", "apply", str(patch)] if shutil.which("git") else ["patch", "-p1", "-s", "-i", str(patch)]
+    return subprocess.run(command, cwd=tree, capture_output=True, text=True)
+
+
 def patched_copy(patch: Path, dest: Path) -> Path:
     """This checkout's code copied to dest with the patch applied."""
     def skip(folder: str, names: list[str]) -> list[str]:
@@ -39,8 +45,7 @@ def patched_copy(patch: Path, dest: Path) -> Path:
         return [n for n in names if n in NOT_CODE]
 
     shutil.copytree(ROOT, dest, ignore=skip)
-    command = ["git", "apply", str(patch)] if shutil.which("git") else ["patch", "-p1", "-s", "-i", str(patch)]
-    result = subprocess.run(command, cwd=dest, capture_output=True, text=True)
+    result = apply_patch(patch, dest)
     if result.returncode:
         raise SystemExit(f"kernel_ab: {patch} does not apply to this tree: {result.stderr.strip()}; rebase the patch")
     return dest
