@@ -132,8 +132,12 @@ template <class T, class D, bool ABSORB_SCALE_MASK> __device__ void softmax_rows
   }
 }
 
+// One row per warp. Each lane sums its values of the row and their squared deviations from its own mean; the
+// lanes' (mean, M2) pairs then pool in one shuffle tree by the parallel-variance rule (M2 = M2_a + M2_b +
+// δ²·n_a·n_b/(n_a + n_b)), instead of a tree for the mean and a second one for the squares after it.
 template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL> __device__ void layernorm_rows(const LayerArgs& a) {
   constexpr int CHUNKS = D::hidden / 8, PER_LANE = (CHUNKS + 31) / 32;
+  constexpr bool kEven = CHUNKS % 32 == 0;  // every lane holds PER_LANE chunks (every BERT width)
   const long long rows = static_cast<long long>(a.batch) * a.seq;
   const int lane = threadIdx.x % 32;
   // OP 9 normalises attn_res = attn_proj + b_o + x; OP 14 normalises ffn_res = ffn_out + b_ffn2 + attn_out.
@@ -144,15 +148,19 @@ template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL> __device__ void l
   const T* gamma = static_cast<const T*>(OP == 9 ? a.ln1_w : a.ln2_w);
   const T* beta = static_cast<const T*>(OP == 9 ? a.ln1_b : a.ln2_b);
   T* dst = static_cast<T*>(OP == 9 ? a.attn_out : a.out);
+  const float n_lane = 8.f * (kEven ? PER_LANE : (CHUNKS - lane + 31) / 32);
   for (long long row = blockIdx.x * static_cast<long long>(kWarps) + threadIdx.x / 32; row < rows;
        row += static_cast<long long>(gridDim.x) * kWarps) {
     float v[PER_LANE][8];
     float sum = 0.f;
+    Vec8<T> gamma8[PER_LANE], beta8[PER_LANE];  // loaded with the row, so no load waits after its reduction
 #pragma unroll
     for (int p = 0; p < PER_LANE; ++p) {
       const int c = lane + p * 32;
-      if (c >= CHUNKS) continue;
+      if (!kEven && c >= CHUNKS) continue;
       const long long at = row * D::hidden + c * 8;
+      gamma8[p] = *reinterpret_cast<const Vec8<T>*>(gamma + c * 8);
+      beta8[p] = *reinterpret_cast<const Vec8<T>*>(beta + c * 8);
       if constexpr (ABSORB_BIAS_RESIDUAL) {
         float bb[8], rr[8];
         load8(proj + at, v[p]);
@@ -166,24 +174,45 @@ template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL> __device__ void l
 #pragma unroll
       for (int i = 0; i < 8; ++i) sum += v[p][i];
     }
-    const float mean = warp_sum(sum) * (1.f / D::hidden);
-    float sq = 0.f;
+    const float lane_mean = n_lane > 0.f ? sum / n_lane : 0.f;
+    float m2 = 0.f;
 #pragma unroll
     for (int p = 0; p < PER_LANE; ++p) {
-      if (lane + p * 32 >= CHUNKS) continue;
+      if (!kEven && lane + p * 32 >= CHUNKS) continue;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) sq += (v[p][i] - mean) * (v[p][i] - mean);
+      for (int i = 0; i < 8; ++i) {
+        v[p][i] -= lane_mean;  // kept as deviations: the normalisation below starts from them
+        m2 += v[p][i] * v[p][i];
+      }
     }
-    const float rstd = rsqrtf(warp_sum(sq) * (1.f / D::hidden) + a.eps);
+    float mean = lane_mean, n = n_lane;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float other_mean = __shfl_xor_sync(0xffffffffu, mean, o);
+      const float other_m2 = __shfl_xor_sync(0xffffffffu, m2, o);
+      const float delta = other_mean - mean;
+      if constexpr (kEven) {  // equal counts: M2 gains δ²·n/2, the mean is the midpoint
+        m2 = __fadd_rn(__fadd_rn(m2, other_m2), __fmul_rn(__fmul_rn(delta, delta), 0.5f * n));
+        mean = __fmul_rn(__fadd_rn(mean, other_mean), 0.5f);
+        n *= 2.f;
+      } else {  // written symmetrically (no contraction), so both lanes of a pair keep the same bits
+        const float other_n = __shfl_xor_sync(0xffffffffu, n, o), total = n + other_n;
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        m2 = __fadd_rn(__fadd_rn(m2, other_m2), __fmul_rn(__fmul_rn(delta, delta), __fmul_rn(__fmul_rn(n, other_n), inv)));
+        mean = __fmul_rn(__fadd_rn(__fmul_rn(mean, n), __fmul_rn(other_mean, other_n)), inv);
+        n = total;
+      }
+    }
+    const float rstd = rsqrtf(m2 * (1.f / D::hidden) + a.eps);
+    const float shift = (lane_mean - mean) * rstd;  // normalised = deviation·rstd + shift
 #pragma unroll
     for (int p = 0; p < PER_LANE; ++p) {
       const int c = lane + p * 32;
-      if (c >= CHUNKS) continue;
-      float g[8], be[8], o[8];
-      load8(gamma + c * 8, g);
-      load8(beta + c * 8, be);
+      if (!kEven && c >= CHUNKS) continue;
+      float o[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) o[i] = (v[p][i] - mean) * rstd * g[i] + be[i];
+      for (int i = 0; i < 8; ++i)
+        o[i] = fmaf(fmaf(v[p][i], rstd, shift), to_f(gamma8[p].v[i]), to_f(beta8[p].v[i]));
       store8(dst + row * D::hidden + c * 8, o);
     }
   }
