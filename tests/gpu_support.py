@@ -11,19 +11,21 @@ _LIBRARIES: dict = {}
 BUILD_TIMES: dict[str, float] = {}
 
 
-def library_for(cfg):
-    """Build (or load) every segment kernel of cfg's signature once per test session."""
+def library_for(cfg, segments=None):
+    """Build (or load) every segment kernel of cfg's signature, or only `segments`, once per test session."""
     from fusionsearch.runtime import KernelLibrary
 
-    key = tuple(sorted(cfg.kernel_signature().items()))
+    key = (tuple(sorted(cfg.kernel_signature().items())), segments)
     if key not in _LIBRARIES:
         cache = os.environ.get("FUSIONSEARCH_GPU_TEST_CACHE") or tempfile.mkdtemp(prefix="fs-gpu-cache-")
         saved = os.environ.get("FUSIONSEARCH_CACHE_DIR")
         os.environ["FUSIONSEARCH_CACHE_DIR"] = cache
         try:
             start = time.perf_counter()
-            _LIBRARIES[key] = KernelLibrary.get(cfg)
-            BUILD_TIMES[f"{cfg.dtype} h{cfg.hidden} n{cfg.heads} ff{cfg.ffn}"] = time.perf_counter() - start
+            _LIBRARIES[key] = KernelLibrary.get(cfg, segments)
+            label = f"{cfg.dtype} h{cfg.hidden} n{cfg.heads} ff{cfg.ffn}"
+            label += f", {len(segments)} segments" if segments else ""
+            BUILD_TIMES[label] = time.perf_counter() - start
         finally:
             if saved is None:
                 os.environ.pop("FUSIONSEARCH_CACHE_DIR", None)

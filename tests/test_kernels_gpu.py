@@ -83,12 +83,11 @@ def test_random_plans_match_reference_end_to_end(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [6, 2])
 def test_layernorm_passes_match_reference_where_chunks_deal_unevenly(dtype, heads):
-    from fusionsearch.runtime import KernelLibrary
     from fusionsearch.verify import verify_segment
 
     cfg = LayerConfig.from_hidden(64 * heads, heads, batch=2, seq_len=45, dtype=dtype, ffn=256 * heads)
     segments = (Segment(8, 9), Segment(9, 9), Segment(13, 14), Segment(14, 14))
-    library, weights = KernelLibrary.get(cfg, segments), _weights(cfg)
+    library, weights = library_for(cfg, segments), _weights(cfg)
     failures = [f"{segment.name}: {budget.reason}" for index, segment in enumerate(segments)
                 if not (budget := verify_segment(library, segment, weights, cfg, seed=index)).ok]
     assert not failures, "\n".join(failures)
