@@ -90,8 +90,13 @@ def table(runs: dict[str, list[list[dict]]]) -> list[str]:
 def verdicts(runs: dict[str, list[list[dict]]], kernel: str, gain: float = 1.0, slack: float = 1.0) -> dict:
     """Per variant, whether to keep it: the kernels whose name ends in `kernel` (e.g. "_fa", "seg_10_11") are
     faster by more than `gain` percent on average over the cases holding one, and no plan is slower by more than
-    `slack` percent. A script can then go on in the same device call (build and test the kept tree)."""
-    cases = [(i, name) for i, row in enumerate(runs["base"][0]) for name in row["segments"] if name.endswith(kernel)]
+    `slack` percent. `kernel` "plan" judges the whole plans instead, for a patch that touches kernels of several
+    segments (a LayerNorm pass in [8–9], [9] and [13–14]). A script can then go on in the same device call (build
+    and test the kept tree)."""
+    if kernel == "plan":
+        cases = [(i, "plan") for i in range(len(runs["base"][0]))]
+    else:
+        cases = [(i, name) for i, row in enumerate(runs["base"][0]) for name in row["segments"] if name.endswith(kernel)]
     if not cases:
         raise SystemExit(f"kernel_ab: no kernel of the cases ends in {kernel!r}; give the end of a segment name "
                          "such as _fa or seg_10_11")
@@ -116,8 +121,9 @@ def main() -> int:
                         help="check each variant's attention forms too, in fp16 and bf16")
     parser.add_argument("--work", type=Path, default=None, help="folder for the copy and both caches (default: temp)")
     parser.add_argument("--decide", metavar="KERNEL", default=None,
-                        help="also write DIR/verdict.json: keep a variant whose kernels ending in KERNEL are faster "
-                             "by more than 1 %% on average and whose plans are none more than 1 %% slower")
+                        help="also write DIR/verdict.json: keep a variant whose kernels ending in KERNEL (or whose "
+                             "plans, with KERNEL 'plan') are faster by more than 1 %% on average and whose plans are "
+                             "none more than 1 %% slower")
     args = parser.parse_args()
     for patch in args.patch:
         if not patch.is_file():
@@ -126,7 +132,7 @@ def main() -> int:
     if "base" in names or len(set(names)) < len(names):
         parser.exit(2, f"kernel_ab: variants are named after their patch files ({', '.join(names)}); give each "
                        "patch a distinct name other than 'base'\n")
-    if args.decide:
+    if args.decide and args.decide != "plan":
         from fusionsearch.mask import decode
         from plan_ab import DEFAULT_CASES, parse_case
         try:

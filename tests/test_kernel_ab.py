@@ -82,7 +82,8 @@ def test_verdict_keeps_a_variant_only_if_its_kernel_gains_and_no_plan_loses():
     runs = {"base": rounds((1000.0, 100.0), (250.0, 40.0)),
             "faster": rounds((990.0, 96.0), (249.0, 39.0)),        # attention −3.25 % on average, plans faster
             "plan_slower": rounds((990.0, 96.0), (253.0, 39.0)),   # the 16x512 plan +1.2 %
-            "too_little": rounds((999.0, 99.5), (250.0, 39.8))}    # attention −0.5 %
+            "too_little": rounds((999.0, 99.5), (250.0, 39.8)),    # attention −0.5 %
+            "plans_faster": rounds((980.0, 96.0), (246.0, 39.0))}  # plans −2.0 % and −1.6 %
     verdict = ab.verdicts(runs, "_fa")
     assert verdict["faster"] == {"kernel": "_fa", "kernel_change_pct": -3.25, "worst_plan_change_pct": -0.4,
                                  "keep": True}
@@ -90,6 +91,12 @@ def test_verdict_keeps_a_variant_only_if_its_kernel_gains_and_no_plan_loses():
     assert not verdict["too_little"]["keep"] and verdict["too_little"]["kernel_change_pct"] == -0.5
     with pytest.raises(SystemExit, match="ends in '_gelu'"):
         ab.verdicts(runs, "_gelu")
+    # "plan" judges the whole plans: faster's are −1.0 % and −0.4 %, −0.7 % on average, too little to keep
+    plans = ab.verdicts(runs, "plan")
+    assert plans["faster"]["kernel_change_pct"] == -0.7 and not plans["faster"]["keep"]
+    assert plans["plan_slower"]["kernel_change_pct"] == 0.1 and not plans["plan_slower"]["keep"]
+    assert plans["plans_faster"] == {"kernel": "plan", "kernel_change_pct": -1.8, "worst_plan_change_pct": -1.6,
+                                     "keep": True}
 
 
 def test_decide_names_the_kernels_of_the_cases_before_any_build(tmp_path, capsys, monkeypatch):
