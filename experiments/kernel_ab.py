@@ -10,8 +10,9 @@ each variant, ... so that a drift of the machine shows up as a difference betwee
 trees. Every plan is checked against fp32 in every round; --check-attention also runs check_attention.py on each
 variant while the trees build. Writes DIR/ab-<tree>-r<round>.json, DIR/ab.log and the table DIR/ab.md.
 
---decide KERNEL (e.g. _fa for the attention segment) also writes DIR/verdict.json, keep or lose per variant, so
-that one device call can go on to build and test the kept tree, which --work keeps at WORK/<patch name>.
+--decide KERNEL (e.g. _fa for the attention segment, or plan for the whole plans) also writes DIR/verdict.json,
+keep or lose per variant, so that one device call can go on to build and test the kept tree, which --work keeps at
+WORK/<patch name>.
 """
 from __future__ import annotations
 
