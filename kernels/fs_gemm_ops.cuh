@@ -103,6 +103,60 @@ template <class T, class D, int OP> __device__ __forceinline__ void prefetch_wei
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + i * kLine));
 }
 
+// The epilogues of the layer GEMMs with weights, in two halves: `operands` reads the bias (and the residual) of an
+// output pair, `store` finishes it. A resident GEMM reads the operands before its MMAs (EpilogueOperands); the tiled
+// GEMM calls the whole epilogue at once.
+template <class T, class D> struct QkvSplitEpilogue {  // QKV + bias, then split into [3, B, heads, S, d]
+  using Pair = typename Elem<T>::Pair;
+  struct Operands {
+    Pair bias;
+  };
+  const T* bias;
+  T* dst;
+  int seq;
+  long long heads_elems;  // one of Q, K, V in qkv_heads
+  __device__ __forceinline__ Operands operands(int, int col) const {
+    return {*reinterpret_cast<const Pair*>(bias + col)};
+  }
+  __device__ __forceinline__ void store(int row, int col, const Operands& o, float v0, float v1) const {
+    const int which = col / D::hidden, h = (col % D::hidden) / D::d, j = col % D::d;
+    const int b = row / seq, s = row % seq;
+    T* p = dst + which * heads_elems + ((static_cast<long long>(b) * D::heads + h) * seq + s) * D::d + j;
+    store2(p, v0 + to_f(o.bias.x), v1 + to_f(o.bias.y));
+  }
+  __device__ __forceinline__ void operator()(int, int row, int col, float v0, float v1) const {
+    store(row, col, operands(row, col), v0, v1);
+  }
+};
+
+// The three [M, N] linear layers: plain, + bias + GELU (FFN1), or + bias + residual (output GEMM, FFN2).
+template <class T, int OP, int N, bool FUSE_NEXT> struct LinearEpilogue {
+  using Pair = typename Elem<T>::Pair;
+  struct Operands {
+    Pair bias, residual;
+  };
+  const T* bias;
+  const T* residual;
+  T* plain;
+  T* fused;
+  __device__ __forceinline__ Operands operands(int row, int col) const {
+    Operands o{};
+    if constexpr (FUSE_NEXT) o.bias = *reinterpret_cast<const Pair*>(bias + col);
+    if constexpr (FUSE_NEXT && OP != 10)
+      o.residual = *reinterpret_cast<const Pair*>(residual + static_cast<long long>(row) * N + col);
+    return o;
+  }
+  __device__ __forceinline__ void store(int row, int col, const Operands& o, float v0, float v1) const {
+    const long long at = static_cast<long long>(row) * N + col;
+    if constexpr (!FUSE_NEXT) store2(plain + at, v0, v1);
+    else if constexpr (OP == 10) store2(fused + at, gelu_erf(v0 + to_f(o.bias.x)), gelu_erf(v1 + to_f(o.bias.y)));
+    else store2(fused + at, v0 + to_f(o.bias.x) + to_f(o.residual.x), v1 + to_f(o.bias.y) + to_f(o.residual.y));
+  }
+  __device__ __forceinline__ void operator()(int, int row, int col, float v0, float v1) const {
+    store(row, col, operands(row, col), v0, v1);
+  }
+};
+
 // NORM_ON_LOAD (FFN1 with resident weights): A is attn_res, normalised by LayerNorm 9 as it is loaded.
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights,
           bool NORM_ON_LOAD = false>
@@ -116,15 +170,9 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
   if constexpr (OP == 0) {
     const RowMajorA<T> A{static_cast<const T*>(a.x), D::hidden, 0};
     const MatB<T> B{static_cast<const T*>(a.w_qkv), D::hidden, 0};
-    if constexpr (FUSE_NEXT) {  // + bias, then split into [3, B, heads, S, d]
-      const T* bias = static_cast<const T*>(a.b_qkv);
-      T* dst = static_cast<T*>(a.qkv_heads);
-      layer_gemm<T, D, OP, Resident>(g, A, B, [=](int, int row, int col, float v0, float v1) {
-        const int which = col / D::hidden, h = (col % D::hidden) / D::d, j = col % D::d;
-        const int b = row / S, s = row % S;
-        T* p = dst + which * heads_elems + ((static_cast<long long>(b) * D::heads + h) * S + s) * D::d + j;
-        store2(p, v0 + to_f(bias[col]), v1 + to_f(bias[col + 1]));
-      }, smem, sk);
+    if constexpr (FUSE_NEXT) {
+      const QkvSplitEpilogue<T, D> epilogue{static_cast<const T*>(a.b_qkv), static_cast<T*>(a.qkv_heads), S, heads_elems};
+      layer_gemm<T, D, OP, Resident>(g, A, B, epilogue, smem, sk);
     } else {
       T* dst = static_cast<T*>(a.qkv);
       layer_gemm<T, D, OP, Resident>(g, A, B, [=](int, int row, int col, float v0, float v1) {
@@ -180,21 +228,12 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
     constexpr int N = OP == 10 ? D::ffn : D::hidden;
     constexpr int K = OP == 12 ? D::ffn : D::hidden;
     const T* w = static_cast<const T*>(OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2);
-    const T* bias = static_cast<const T*>(OP == 7 ? a.b_o : OP == 10 ? a.b_ffn1 : a.b_ffn2);
-    const T* residual = static_cast<const T*>(OP == 7 ? a.x : a.attn_out);
-    T* plain = static_cast<T*>(OP == 7 ? a.attn_proj : OP == 10 ? a.ffn_pre : a.ffn_out);
-    T* fused = static_cast<T*>(OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res);
     const MatB<T> B{w, K, 0};
-    auto epilogue = [=](int, int row, int col, float v0, float v1) {
-      const long long at = static_cast<long long>(row) * N + col;
-      if constexpr (!FUSE_NEXT) {
-        store2(plain + at, v0, v1);
-      } else if constexpr (OP == 10) {
-        store2(fused + at, gelu_erf(v0 + to_f(bias[col])), gelu_erf(v1 + to_f(bias[col + 1])));
-      } else {
-        store2(fused + at, v0 + to_f(bias[col]) + to_f(residual[at]), v1 + to_f(bias[col + 1]) + to_f(residual[at + 1]));
-      }
-    };
+    const LinearEpilogue<T, OP, N, FUSE_NEXT> epilogue{
+        static_cast<const T*>(OP == 7 ? a.b_o : OP == 10 ? a.b_ffn1 : a.b_ffn2),
+        static_cast<const T*>(OP == 7 ? a.x : a.attn_out),
+        static_cast<T*>(OP == 7 ? a.attn_proj : OP == 10 ? a.ffn_pre : a.ffn_out),
+        static_cast<T*>(OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res)};
     static_assert(!NORM_ON_LOAD || OP == 10, "only FFN1 takes LayerNorm 9 on load");
     if constexpr (NORM_ON_LOAD) {
       const NormOnLoad<T> norm{static_cast<const T*>(a.ln1_w), static_cast<const T*>(a.ln1_b), static_cast<T*>(a.attn_out),

@@ -9,6 +9,8 @@
 // K range; their sums meet in shared memory in warp order, and K splits across blocks meet in the split-K scratch,
 // added in split order by the last block to arrive, so results are bit-reproducible.
 #pragma once
+#include <type_traits>
+
 #include "fs_gemm.cuh"
 
 namespace fs {
@@ -50,8 +52,8 @@ template <class D, int OP> struct ResidentGemm {
   static_assert(N % 8 == 0 && K % (SPLITS * 32) == 0, "weights must split into 8-column groups and 32-deep chunks");
 
   // Column partitions for a grid of `grid` blocks: each is SPLITS units (one per K split), at most one per block.
-  static __host__ __device__ int parts(int grid) { return grid / SPLITS < N8 ? grid / SPLITS : N8; }
-  static __host__ __device__ int units(int grid) { return SPLITS * parts(grid); }
+  static __host__ __device__ constexpr int parts(int grid) { return grid / SPLITS < N8 ? grid / SPLITS : N8; }
+  static __host__ __device__ constexpr int units(int grid) { return SPLITS * parts(grid); }
   static __host__ __device__ bool fits(int grid) {
     return parts(grid) > 0 && ceil_div(N8, parts(grid)) <= kResidentMaxN8;
   }
@@ -69,7 +71,7 @@ struct ResidentSlice {
 
 // Units are dealt round-robin over the grid, each GEMM continuing where the previous one stopped, so every block
 // holds a similar share of all the weights.
-template <class D, int OP> __host__ __device__ inline ResidentSlice resident_slice(int block, int grid, int dealt) {
+template <class D, int OP> __host__ __device__ constexpr ResidentSlice resident_slice(int block, int grid, int dealt) {
   using G = ResidentGemm<D, OP>;
   ResidentSlice s;
   const int unit = ((block - dealt % grid) % grid + grid) % grid;
@@ -104,6 +106,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes,
                ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 }
 
+// Grid size of the slice tables worked out at compile time: the SMs of an H100 SXM and of an H200.
+constexpr int kResidentTableGrid = 132;
+// The slices of every block of a kResidentTableGrid grid for ResidentWeights W (W::table()), in constant memory.
+template <class W> __constant__ typename W::Table kResidentSlices = W::table();
+
 // No resident weights: every GEMM stage runs the tiled GEMM.
 struct NoResidentWeights {
   template <int OP> static constexpr bool holds() { return false; }
@@ -116,7 +123,8 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   static_assert(SCRATCH >= kResidentScratchBytes, "the stage scratch must hold the resident GEMM's warp sums");
   static constexpr int kSlots = sizeof...(OPS);
   static constexpr int kBarrierOffset = ceil_div(SCRATCH, 128) * 128;
-  // The block's slices, worked out once when the kernel starts: each takes integer divisions by the grid size.
+  // The block's slices, copied from the compile-time table on a kResidentTableGrid grid, else worked out when the
+  // kernel starts (each takes integer divisions by the grid size).
   static constexpr int kSliceOffset = kBarrierOffset + kSlots * 8;
   static constexpr int kTableBytes = kSlots * static_cast<int>(sizeof(ResidentSlice));
   static constexpr int kWeightOffset = ceil_div(kSliceOffset + kTableBytes, 128) * 128;
@@ -128,17 +136,28 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     return found;
   }
 
+  // Block `block`'s slices of a grid of `grid` blocks, in slot order; returns the bytes they take.
+  static __host__ __device__ constexpr int slices(int block, int grid, ResidentSlice (&out)[kSlots]) {
+    int dealt = 0, offset = 0, index = 0;
+    ((out[index++] = visit<OPS>(block, grid, dealt, offset)), ...);
+    return offset;
+  }
   template <int OP> static __host__ __device__ ResidentSlice slice(int block, int grid) {
-    ResidentSlice found;
-    int dealt = 0, offset = 0;
-    (visit<OPS>(block, grid, OP, dealt, offset, found), ...);
-    return found;
+    ResidentSlice all[kSlots];
+    slices(block, grid, all);
+    return all[slot<OP>()];
   }
   static __host__ __device__ int weight_bytes(int block, int grid) {
-    ResidentSlice unused;
-    int dealt = 0, offset = 0;
-    (visit<OPS>(block, grid, -1, dealt, offset, unused), ...);
-    return offset;
+    ResidentSlice all[kSlots];
+    return slices(block, grid, all);
+  }
+  struct Table {
+    ResidentSlice slices[kResidentTableGrid][kSlots];
+  };
+  static constexpr Table table() {
+    Table t{};
+    for (int block = 0; block < kResidentTableGrid; ++block) slices(block, kResidentTableGrid, t.slices[block]);
+    return t;
   }
   // Dynamic shared memory a block needs on a grid of `grid` blocks; 0 where some GEMM cannot be dealt.
   static int smem_bytes(int grid) {
@@ -163,13 +182,24 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
 
   // Start every weight copy of this block, GEMMs in stage order; called by the whole block before its first stage.
   // A bulk copy takes its operands from uniform registers, so a warp issues them one at a time: the copies are
-  // dealt over the warps, and a slice of the whole K is one copy.
+  // dealt over the warps, and a slice of the whole K is one copy. The slices come from the compile-time table where
+  // the grid matches it: working them out took most of the start's code, which every SM fetches from L2 before
+  // its first copy can begin.
   static __device__ void start(const LayerArgs& a, char* smem) {
     if (threadIdx.x == 0) {
       for (int s = 0; s < kSlots; ++s) mbarrier_init(barrier(smem, s), 1);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-      int dealt = 0, offset = 0;
-      (record<OPS>(smem, dealt, offset), ...);
+      ResidentSlice* held = reinterpret_cast<ResidentSlice*>(smem + kSliceOffset);
+      if (gridDim.x == kResidentTableGrid) {
+        for (int s = 0; s < kSlots; ++s) held[s] = kResidentSlices<ResidentWeights>.slices[blockIdx.x][s];
+      } else {
+        ResidentSlice all[kSlots];
+        slices(blockIdx.x, gridDim.x, all);
+        for (int s = 0; s < kSlots; ++s) held[s] = all[s];
+      }
+      // A block without a slice never waits on its barrier.
+      for (int s = 0; s < kSlots; ++s)
+        if (held[s].part >= 0) mbarrier_expect_bytes(barrier(smem, s), held[s].bytes);
     }
     __syncthreads();  // barriers armed and slices known before any copy can complete
     if (threadIdx.x % 32 == 0) (issue<OPS>(a, smem), ...);
@@ -180,20 +210,13 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   template <int OP> static __host__ __device__ const void* weight_of(const LayerArgs& a) {
     return OP == 0 ? a.w_qkv : OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2;
   }
-  template <int OP>
-  static __host__ __device__ void visit(int block, int grid, int want, int& dealt, int& offset, ResidentSlice& found) {
+  // GEMM OP's slice, placed after the slices dealt before it (`dealt` units, `offset` bytes), which it advances.
+  template <int OP> static __host__ __device__ constexpr ResidentSlice visit(int block, int grid, int& dealt, int& offset) {
     ResidentSlice s = resident_slice<D, OP>(block, grid, dealt);
     s.offset = offset;
-    if (OP == want) found = s;
     offset += s.bytes;
     dealt += ResidentGemm<D, OP>::units(grid);
-  }
-  // Thread 0: this block's slice of GEMM OP into the table, and the bytes its barrier waits for.
-  template <int OP> static __device__ void record(char* smem, int& dealt, int& offset) {
-    ResidentSlice& s = reinterpret_cast<ResidentSlice*>(smem + kSliceOffset)[slot<OP>()];
-    visit<OP>(blockIdx.x, gridDim.x, OP, dealt, offset, s);
-    // A block without a slice never waits on this barrier.
-    if (s.part >= 0) mbarrier_expect_bytes(barrier(smem, slot<OP>()), s.n8 * 8 * ResidentGemm<D, OP>::ROW_BYTES);
+    return s;
   }
   // Lane 0 of each warp: its share of the copies of GEMM OP's slice (one copy, or one per row when K is split).
   template <int OP> static __device__ void issue(const LayerArgs& a, char* smem) {
@@ -335,6 +358,30 @@ __device__ __forceinline__ void norm_on_load(uint4 (&a_lo)[G::CHUNKS_PER_WARP][2
   }
 }
 
+// An epilogue that reads operands of its own (bias, residual) may split into `operands(row, col)` and
+// `store(row, col, operands, v0, v1)`: a resident GEMM then reads them before its MMAs, so their round trip to L2
+// overlaps the MMAs instead of following the warps' sums. Plain epilogues (a callable) read them when called.
+struct NoOperands {};
+template <class Epi, class = void> struct EpilogueOperands {
+  using type = NoOperands;
+  static constexpr bool kEarly = false;
+};
+template <class Epi> struct EpilogueOperands<Epi, std::void_t<typename Epi::Operands>> {
+  using type = typename Epi::Operands;
+  static constexpr bool kEarly = true;
+};
+template <class Epi> __device__ __forceinline__ typename EpilogueOperands<Epi>::type early_operands(const Epi& epi, int row,
+                                                                                                   int col) {
+  if constexpr (EpilogueOperands<Epi>::kEarly) return epi.operands(row, col);
+  else return {};
+}
+template <class Epi>
+__device__ __forceinline__ void finish(const Epi& epi, int row, int col, const typename EpilogueOperands<Epi>::type& ops,
+                                       float v0, float v1) {
+  if constexpr (EpilogueOperands<Epi>::kEarly) epi.store(row, col, ops, v0, v1);
+  else epi(0, row, col, v0, v1);
+}
+
 // C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair.
 //
 // Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
@@ -354,6 +401,13 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
   const int k0 = s.split * G::KS, cols = s.n8 * 8, pairs = kResidentRowGroup * cols / 2;
   float* partials = sk.partials + static_cast<long long>(s.part * G::SPLITS + s.split) * g.M * (kResidentMaxN8 * 8);
   const uint4 zero = make_uint4(0, 0, 0, 0);
+  using Operands = typename EpilogueOperands<Epi>::type;
+  constexpr int kPairsPerThread = ceil_div(kResidentRowGroup * kResidentMaxN8 * 8 / 2, kThreads);
+  // The output pairs this thread finishes in a row group: p = threadIdx.x + i·kThreads < pairs.
+  auto pair_at = [&](int p, int& row, int& col) {
+    row = p / (cols / 2);
+    col = (p % (cols / 2)) * 2;
+  };
 
   for (int m0 = 0; m0 < g.M; m0 += kResidentRowGroup) {
     uint4 a_lo[G::CHUNKS_PER_WARP][2], a_hi[G::CHUNKS_PER_WARP][2];
@@ -367,6 +421,15 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         const bool in_k = chunk < G::CHUNKS;
         a_lo[i][mi] = in_k && row < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row, k))) : zero;
         a_hi[i][mi] = in_k && row + 8 < g.M ? __ldcg(reinterpret_cast<const uint4*>(A.chunk(0, row + 8, k))) : zero;
+      }
+    }
+    Operands early[kPairsPerThread];
+    if constexpr (G::SPLITS == 1 && EpilogueOperands<Epi>::kEarly) {
+#pragma unroll
+      for (int i = 0; i < kPairsPerThread; ++i) {
+        int r = 0, c = 0;
+        pair_at(threadIdx.x + i * kThreads, r, c);
+        if (threadIdx.x + i * kThreads < pairs && m0 + r < g.M) early[i] = early_operands(epi, m0 + r, s.n0 + c);
       }
     }
     if constexpr (NORM) norm_on_load<T, G>(a_lo, a_hi, norm, sums + kResidentSumsFloats, k0, m0, g.M, s.part == 0);
@@ -400,9 +463,13 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         *reinterpret_cast<float2*>(row + 8 * kResidentScratchStride) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
       }
     __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += kThreads) {
-      const int r = p / (cols / 2), c = (p % (cols / 2)) * 2, row = m0 + r;
-      if (row >= g.M) continue;
+#pragma unroll
+    for (int i = 0; i < kPairsPerThread; ++i) {
+      const int p = threadIdx.x + i * kThreads;
+      int r = 0, c = 0;
+      pair_at(p, r, c);
+      const int row = m0 + r;
+      if (p >= pairs || row >= g.M) continue;
       float v0 = 0.f, v1 = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
@@ -410,7 +477,7 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         v0 += x.x;
         v1 += x.y;
       }
-      if constexpr (G::SPLITS == 1) epi(0, row, s.n0 + c, v0, v1);
+      if constexpr (G::SPLITS == 1) finish(epi, row, s.n0 + c, early[i], v0, v1);
       else __stcg(reinterpret_cast<float2*>(partials + row * (kResidentMaxN8 * 8) + c), make_float2(v0, v1));
     }
     __syncthreads();  // the next row group reuses the sums
@@ -419,7 +486,18 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
   if constexpr (G::SPLITS > 1) {
     // The last split to arrive adds all of them, in split order, and runs the epilogue.
     // The block barrier orders every thread's partials before thread 0's release; its acquire, and the barrier
-    // after it, make the other splits' partials visible to the whole block.
+    // after it, make the other splits' partials visible to the whole block. Every split reads the epilogue's
+    // operands of its first pairs before that, so their round trip overlaps the arrival's.
+    constexpr int kFixupEarly = ceil_div(kResidentMaxRows * kResidentMaxN8 * 8 / 2, kThreads);
+    Operands fixup_early[kFixupEarly];
+    if constexpr (EpilogueOperands<Epi>::kEarly) {
+#pragma unroll
+      for (int i = 0; i < kFixupEarly; ++i) {
+        int row = 0, c = 0;
+        pair_at(threadIdx.x + i * kThreads, row, c);
+        if (row < g.M) fixup_early[i] = early_operands(epi, row, s.n0 + c);
+      }
+    }
     __shared__ bool last_arrival;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -431,8 +509,9 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
     if (!last_arrival) return;
     const float* first = sk.partials + static_cast<long long>(s.part * G::SPLITS) * g.M * (kResidentMaxN8 * 8);
     const long long split_stride = static_cast<long long>(g.M) * (kResidentMaxN8 * 8);
-    for (int p = threadIdx.x; p < g.M * cols / 2; p += kThreads) {
-      const int row = p / (cols / 2), c = (p % (cols / 2)) * 2;
+    auto fix_up = [&](int p, const Operands& ops) {
+      int row = 0, c = 0;
+      pair_at(p, row, c);
       float2 part[G::SPLITS];
 #pragma unroll
       for (int k = 0; k < G::SPLITS; ++k)
@@ -443,7 +522,16 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         v0 += part[k].x;
         v1 += part[k].y;
       }
-      epi(0, row, s.n0 + c, v0, v1);
+      finish(epi, row, s.n0 + c, ops, v0, v1);
+    };
+    const int total = g.M * cols / 2;
+#pragma unroll
+    for (int i = 0; i < kFixupEarly; ++i)
+      if (threadIdx.x + i * kThreads < total) fix_up(threadIdx.x + i * kThreads, fixup_early[i]);
+    for (int p = threadIdx.x + kFixupEarly * kThreads; p < total; p += kThreads) {  // past kResidentMaxRows only
+      int row = 0, c = 0;
+      pair_at(p, row, c);
+      fix_up(p, early_operands(epi, row, s.n0 + c));
     }
     if (threadIdx.x == 0) sk.counters[s.part] = 0;  // ready for the next GEMM that uses this scratch
   }

@@ -143,7 +143,7 @@ def test_resident_weight_dealing_covers_every_weight_once(tmp_path):
                             f"-I{kernels_dir()}", str(fixture), "-o", str(binary)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-2000:]
+    assert run.returncode == 0, run.stdout[-2000:]  # FAIL lines: a grid's dealing, or the compile-time table
     smem = dict(tuple(map(int, line.split())) for line in run.stdout.split("\n") if line)
     assert min(smem) == 96  # fewer SMs would put more than four 8-column groups of FFN1 on a block
     assert smem[132] <= 180 * 1024  # an H100 block may use 227 KB; the stages' scratch comes on top
