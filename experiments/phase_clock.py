@@ -1,0 +1,181 @@
+"""Where a resident-weight kernel's time goes, phase by phase, from clocks its blocks stamp (needs the probe patch).
+
+    git apply experiments/patches/probe-resident-phase-clock.patch
+    PYTHONPATH=. python experiments/phase_clock.py --cases 1x32:32768 2x32:32768 [--dtypes fp16] [--launches 50] \
+        [--out DIR]
+
+The patch makes thread 0 of every block of a resident-weight kernel stamp %globaltimer and clock64 when the kernel
+starts, when its weight copies are issued, before and after every stage, and when each GEMM's weight slice has
+landed (kernels/fs_common.cuh `phase_clock`, slots below). This script checks each plan against fp32, captures it in
+a CUDA graph, replays it --launches times with the stamps cleared before each, and prints per phase the µs since
+the first block started: the earliest, median and latest block, each the median over the launches. Per-block
+intervals come from clock64 at the block's own rate (its cycles over its globaltimer span), since the globaltimer
+may tick coarser than the phases are long; the offset of each block's start comes from the globaltimer.
+Writes DIR/phase-<shape>-<dtype>.md and .json when --out is given. Without the patch no stamps appear and it
+says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+SLOTS = 32  # kPhaseClockSlots
+PHASE_FLOATS = 256 * SLOTS * 4  # 256 blocks × 32 slots × two u64, at the end of the split-K partials
+WEIGHT_SLOT = 24  # phase of GEMM slot s's weights landing: 24 + s
+
+
+def phase_names(stage_ops: list[tuple[int, ...]], gemm_ops: list[int]) -> dict[int, str]:
+    """Slot → name for a resident kernel of these stages (operators per stage) and resident GEMMs (stage order)."""
+    names = {0: "kernel start", 1: "weight copies issued"}
+    for i, ops in enumerate(stage_ops, start=1):
+        label = f"stage {i} ({ops[0]}–{ops[-1]})" if len(ops) > 1 else f"stage {i} ({ops[0]})"
+        if i > 1:
+            names[2 * i] = f"{label} starts (grid barrier passed)"
+        names[2 * i + 1] = f"{label} ends"
+    for slot, op in enumerate(gemm_ops):
+        names[WEIGHT_SLOT + slot] = f"GEMM {op} weight slice landed"
+    return names
+
+
+def block_times(stamps: np.ndarray) -> np.ndarray:
+    """µs since the first block's start, [blocks, slots] (NaN where a block stamped nothing) for one launch's stamps
+    [blocks, slots, 2] (globaltimer ns, clock64). A block's phases are timed by its clock64 at its own rate, and
+    placed by its start on the globaltimer."""
+    ns = stamps[:, :, 0].astype(np.float64)
+    cycles = stamps[:, :, 1].astype(np.float64)
+    stamped = ns > 0
+    out = np.full(ns.shape, np.nan)
+    starts = ns[:, 0][stamped[:, 0]]
+    if starts.size == 0:
+        return out
+    origin = starts.min()
+    for b in range(ns.shape[0]):
+        if not stamped[b, 0]:
+            continue
+        mine = np.flatnonzero(stamped[b])
+        last = mine[np.argmax(ns[b, mine])]
+        span_ns, span_cycles = ns[b, last] - ns[b, 0], cycles[b, last] - cycles[b, 0]
+        rate = span_cycles / span_ns if span_ns > 0 and span_cycles > 0 else None  # cycles per ns
+        for s in mine:
+            since = (cycles[b, s] - cycles[b, 0]) / rate if rate else ns[b, s] - ns[b, 0]
+            out[b, s] = (ns[b, 0] - origin + since) / 1000.0
+    return out
+
+
+def phase_table(launches: list[np.ndarray], names: dict[int, str]) -> list[dict]:
+    """Per named phase that some block stamped: earliest, median and latest block (µs since the first block's start),
+    each the median over launches, and how many blocks stamped it."""
+    times = np.stack([block_times(stamps) for stamps in launches])  # [launches, blocks, slots]
+    rows = []
+    for slot in sorted(names):
+        per_launch = times[:, :, slot]
+        seen = ~np.isnan(per_launch)
+        if not seen.any():
+            continue
+        with np.errstate(all="ignore"):
+            earliest = np.nanmedian(np.nanmin(np.where(seen, per_launch, np.nan), axis=1))
+            median = np.nanmedian(np.nanmedian(per_launch, axis=1))
+            latest = np.nanmedian(np.nanmax(per_launch, axis=1))
+        rows.append({"slot": slot, "phase": names[slot], "blocks": int(seen.sum(axis=1).max()),
+                     "earliest_us": round(float(earliest), 2), "median_us": round(float(median), 2),
+                     "latest_us": round(float(latest), 2)})
+    return sorted(rows, key=lambda row: (row["median_us"], row["slot"]))
+
+
+def markdown(title: str, rows: list[dict], graph_us: "float | None") -> str:
+    lines = [f"# {title}", ""]
+    if graph_us is not None:
+        lines += [f"Graph replay of the plan: {graph_us:.1f} µs (median, CUDA events, L2 warm).", ""]
+    lines += ["| phase | blocks | earliest µs | median µs | latest µs |", "|---|---|---|---|---|"]
+    lines += [f"| {r['phase']} | {r['blocks']} | {r['earliest_us']:.2f} | {r['median_us']:.2f} | {r['latest_us']:.2f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_case(shape: str, mask: int, dtype: str, launches: int) -> tuple[list[dict], float, str]:
+    import torch
+
+    from fusionsearch.config import LayerConfig, parse_shape
+    from fusionsearch.mask import decode
+    from fusionsearch.runtime import FusedEncoderLayer, KernelLibrary, key_bias
+    from fusionsearch.schedule import resident_weight_ops, resident_weight_stages
+    from fusionsearch.timing import time_cuda_graph
+    from fusionsearch.verify import random_inputs, verify_plan
+    from fusionsearch.weights import LayerWeights, torch_dtype
+
+    plan = decode(mask)
+    resident = [seg for seg in plan.segments if resident_weight_stages(seg)]
+    if len(resident) != 1:
+        raise SystemExit(f"phase_clock: plan {mask} has {len(resident)} segments with a resident-weight kernel; "
+                         "give a plan with exactly one (e.g. 32768)")
+    stages = resident_weight_stages(resident[0])
+    names = phase_names([stage.ops for stage in stages], list(resident_weight_ops(stages)))
+    batch, seq = parse_shape(shape)
+    cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
+    library = KernelLibrary.get(cfg, plan.segments)
+    weights = LayerWeights.random(cfg, seed=0, device="cuda")
+    layer = FusedEncoderLayer(plan, weights, cfg, library=library)
+    budget = verify_plan(layer, weights, cfg)
+    if not budget.ok:
+        raise SystemExit(f"phase_clock: plan {mask} at {shape} {dtype} failed its check against fp32 "
+                         f"(error {budget.candidate_error:.2e} > {budget.limit:.2e})")
+    x, attention_mask = random_inputs(cfg, seed=1)
+    x = x.to(torch_dtype(dtype))
+    tensors = layer.tensors_for(x, key_bias(attention_mask, cfg), torch.empty_like(x))
+    scale = 1.0 / math.sqrt(cfg.head_size)
+    region = tensors["splitk_partials"][-PHASE_FLOATS:]
+
+    def run() -> None:
+        library.run(layer.kernel_ids, tensors, batch, seq, cfg.eps, scale)
+
+    graph_us = time_cuda_graph(run)["median"]
+    run()  # outside any graph, so the stamps' region is this launch's
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    stamps = []
+    for _ in range(launches):
+        region.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        raw = region.view(torch.int64).cpu().numpy().reshape(256, SLOTS, 2)
+        stamps.append(raw)
+    if not any((s[:, 0, 0] > 0).any() for s in stamps):
+        raise SystemExit("phase_clock: no block stamped a clock; apply experiments/patches/"
+                         "probe-resident-phase-clock.patch first")
+    title = f"Phases of plan {mask}'s resident-weight kernel at {shape}, {dtype} ({launches} launches)"
+    return phase_table(stamps, names), graph_us, title
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["1x32:32768"], help="SHAPE:MASK pairs")
+    parser.add_argument("--dtypes", nargs="+", default=["fp16"], choices=["fp16", "bf16"])
+    parser.add_argument("--launches", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.launches < 1:
+        parser.error(f"--launches {args.launches}: give at least 1")
+    for case in args.cases:
+        shape, _, mask = case.partition(":")
+        if not mask.isdigit():
+            parser.error(f"case {case!r} is not SHAPE:MASK; write e.g. 1x32:32768")
+        for dtype in args.dtypes:
+            rows, graph_us, title = run_case(shape, int(mask), dtype, args.launches)
+            text = markdown(title, rows, graph_us)
+            print(text, flush=True)
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / f"phase-{shape}-{dtype}.md").write_text(text)
+                (args.out / f"phase-{shape}-{dtype}.json").write_text(json.dumps(
+                    {"shape": shape, "mask": int(mask), "dtype": dtype, "graph_us": graph_us, "phases": rows},
+                    indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

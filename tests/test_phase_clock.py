@@ -1,0 +1,62 @@
+"""experiments/phase_clock.py's arithmetic on synthetic stamps: names of the phases, per-block times, the table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiment_scripts import load_experiment
+
+
+def _stamps(blocks: dict[int, dict[int, tuple[int, int]]]) -> np.ndarray:
+    raw = np.zeros((256, 32, 2), dtype=np.int64)
+    for block, phases in blocks.items():
+        for slot, (ns, cycles) in phases.items():
+            raw[block, slot] = (ns, cycles)
+    return raw
+
+
+def test_phase_names_follow_the_resident_stages():
+    names = load_experiment("phase_clock").phase_names([(0, 1), (2, 3, 4, 5, 6), (12, 13, 14)], [0, 12])
+    assert names[0] == "kernel start" and names[1] == "weight copies issued"
+    assert names[3] == "stage 1 (0–1) ends" and 2 not in names
+    assert names[4] == "stage 2 (2–6) starts (grid barrier passed)" and names[7] == "stage 3 (12–14) ends"
+    assert names[24] == "GEMM 0 weight slice landed" and names[25] == "GEMM 12 weight slice landed"
+
+
+def test_block_times_use_each_blocks_cycles_at_its_own_rate_and_its_start_on_the_globaltimer():
+    phase_clock = load_experiment("phase_clock")
+    # Block 1 starts 1 µs after block 0; both run at 2 cycles per ns. Block 0's globaltimer ticks coarsely (its
+    # stamp for slot 3 reads 8,000 ns although 2,000 ns passed by its cycles), block 1 stamps no slot 3.
+    stamps = _stamps({0: {0: (10_000, 100), 3: (18_000, 4_100), 5: (30_000, 40_100)},
+                      1: {0: (11_000, 500), 5: (31_000, 40_500)}})
+    times = phase_clock.block_times(stamps)
+    assert times[0, 0] == 0.0 and times[1, 0] == pytest.approx(1.0)
+    assert times[0, 3] == pytest.approx(2.0)  # 4,000 cycles at 2 per ns
+    assert times[0, 5] == pytest.approx(20.0) and times[1, 5] == pytest.approx(21.0)
+    assert np.isnan(times[1, 3]) and np.isnan(times[2, 0])
+
+
+def test_phase_table_orders_phases_by_time_and_takes_the_median_over_launches():
+    phase_clock = load_experiment("phase_clock")
+    names = {0: "kernel start", 3: "stage 1 (0) ends", 5: "stage 2 (1) ends", 24: "GEMM 0 weight slice landed"}
+    # Two cycles per ns in both blocks; stage 2 ends 1 µs later in each launch than in the one before.
+    launches = [_stamps({0: {0: (1, 1), 24: (1_001, 2_001), 3: (3_001, 6_001), 5: (5_001 + late, 10_001 + 2 * late)},
+                         1: {0: (501, 1), 3: (4_001, 7_001), 5: (6_001 + late, 11_001 + 2 * late)}})
+                for late in (0, 1_000, 2_000)]
+    rows = phase_clock.phase_table(launches, names)
+    assert [row["phase"] for row in rows] == ["kernel start", "GEMM 0 weight slice landed", "stage 1 (0) ends",
+                                              "stage 2 (1) ends"]
+    start, weights, stage1, stage2 = rows
+    assert (start["earliest_us"], start["latest_us"], start["blocks"]) == (0.0, 0.5, 2)
+    assert weights["blocks"] == 1 and weights["median_us"] == 1.0
+    assert (stage1["earliest_us"], stage1["latest_us"]) == (3.0, 4.0)
+    assert (stage2["earliest_us"], stage2["latest_us"]) == (6.0, 7.0)  # the middle launch of 5, 6, 7 and 6, 7, 8
+    table = phase_clock.markdown("t", rows, 26.7)
+    assert "Graph replay of the plan: 26.7 µs" in table and "| stage 2 (1) ends | 2 | 6.00 | 6.50 | 7.00 |" in table
+
+
+def test_a_case_without_a_mask_is_refused(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["phase_clock.py", "--cases", "1x32"])
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("phase_clock").main()
+    assert exit_info.value.code == 2
