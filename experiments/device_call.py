@@ -11,7 +11,9 @@ and each under a timeout of what is left, so the call returns before the device'
   build    both full libraries, in parallel, into --cache (a warm machine keeps /tmp between calls);
   kernels  the kernel GPU tests (gpu_suite.py --suffix=-kernels) on the cache;
   harness  the harness GPU tests (--suffix=-harness);
-  report   perf_report.py into OUT/perf/perf-<h100|h200> (records beside it).
+  report   perf_report.py into OUT/perf/perf-<h100|h200> (records beside it);
+  phase    phase_clock.py on a copy of this tree with patches/probe-resident-phase-clock.patch applied (its own
+           build cache), on --cases (default 1x32:32768) and --dtypes, into OUT/phase.
 OUT/steps.json says what ran, for how long, with which exit code, on which kernel hash. --tar packs OUT into one
 file, since a call brings back at most 8 files. --wheels installs the wheels the device lacks into /tmp/site first.
 """
@@ -23,18 +25,20 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import BUILD  # noqa: E402
-from kernel_ab import apply_patch  # noqa: E402
+from kernel_ab import apply_patch, patched_copy, tree_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("ab", "build", "kernels", "harness", "report")
+STEPS = ("ab", "build", "kernels", "harness", "report", "phase")
+PHASE_PROBE = ROOT / "experiments" / "patches" / "probe-resident-phase-clock.patch"
 # Seconds a step usually takes on a warm machine (experiments/NOTES.md, "Device time per step"); a step starts
 # only if this much is left. The A/B's figure is for a few cases; a larger one takes longer.
-ESTIMATES = {"ab": 120, "build": 190, "kernels": 45, "harness": 290, "report": 410}
+ESTIMATES = {"ab": 120, "build": 190, "kernels": 45, "harness": 290, "report": 410, "phase": 150}
 MARGIN = 10  # seconds kept back for packing the results
 
 
@@ -160,6 +164,17 @@ def main() -> int:
             stem.parent.mkdir(exist_ok=True)
             run("report", [sys.executable, "experiments/perf_report.py", "--extra-masks", "32768", "48996", "48934",
                            "48932", "--out", str(stem)], env=cache_env)
+        elif step == "phase":
+            scratch = Path(tempfile.mkdtemp(prefix="phase-"))
+            try:
+                tree = patched_copy(PHASE_PROBE, scratch / "tree")
+            except SystemExit as error:  # e.g. a patch kept by the A/B touched the same lines
+                print(f"phase: skipped, {error}", flush=True)
+                log.append({"step": "phase", "skipped": True, "reason": str(error)})
+                continue
+            run("phase", [sys.executable, str(tree / "experiments" / "phase_clock.py"), "--cases",
+                          *(args.cases or ["1x32:32768"]), "--dtypes", *args.dtypes, "--out", str(args.out / "phase")],
+                env=tree_env(tree, scratch / "cache"))
     (args.out / "steps.json").write_text(json.dumps(log, indent=1) + "\n")
     if args.tar:
         with tarfile.open(args.tar, "w:gz") as tar:

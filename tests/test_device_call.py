@@ -49,3 +49,12 @@ def test_an_ab_without_a_kernel_to_decide_on_is_refused(tmp_path):
                              "--ab", "experiments/patches/resident-slices-per-warp.patch"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--ab needs --decide" in result.stderr
+
+
+def test_the_phase_probe_applies_to_this_tree_and_its_step_is_sized_like_the_others(tmp_path):
+    call = load_experiment("device_call")
+    assert "phase" in call.STEPS and "phase" in call.ESTIMATES
+    kernel_ab = load_experiment("kernel_ab")
+    tree = kernel_ab.patched_copy(call.PHASE_PROBE, tmp_path / "tree")
+    assert "fs::phase_clock(a.splitk_partials, 0);" in (tree / "templates" / "segment.cu.j2").read_text()
+    assert (tree / "experiments" / "phase_clock.py").exists()
