@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -99,41 +98,28 @@ def markdown(title: str, rows: list[dict], graph_us: "float | None") -> str:
 def run_case(shape: str, mask: int, dtype: str, launches: int) -> tuple[list[dict], float, str]:
     import torch
 
-    from fusionsearch.config import LayerConfig, parse_shape
     from fusionsearch.mask import decode
-    from fusionsearch.runtime import FusedEncoderLayer, KernelLibrary, key_bias
     from fusionsearch.schedule import resident_weight_ops, resident_weight_stages
     from fusionsearch.timing import time_cuda_graph
-    from fusionsearch.verify import random_inputs, verify_plan
-    from fusionsearch.weights import LayerWeights, torch_dtype
+    from plan_ab import PreparedPlan
 
-    plan = decode(mask)
-    resident = [seg for seg in plan.segments if resident_weight_stages(seg)]
+    resident = [seg for seg in decode(mask).segments if resident_weight_stages(seg)]
     if len(resident) != 1:
         raise SystemExit(f"phase_clock: plan {mask} has {len(resident)} segments with a resident-weight kernel; "
                          "give a plan with exactly one (e.g. 32768)")
     stages = resident_weight_stages(resident[0])
     names = phase_names([stage.ops for stage in stages], list(resident_weight_ops(stages)))
-    batch, seq = parse_shape(shape)
-    cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
-    library = KernelLibrary.get(cfg, plan.segments)
-    weights = LayerWeights.random(cfg, seed=0, device="cuda")
-    layer = FusedEncoderLayer(plan, weights, cfg, library=library)
-    budget = verify_plan(layer, weights, cfg)
-    if not budget.ok:
+    case = PreparedPlan(shape, mask, dtype)
+    if not case.budget.ok:
         raise SystemExit(f"phase_clock: plan {mask} at {shape} {dtype} failed its check against fp32 "
-                         f"(error {budget.candidate_error:.2e} > {budget.limit:.2e})")
-    x, attention_mask = random_inputs(cfg, seed=1)
-    x = x.to(torch_dtype(dtype))
-    tensors = layer.tensors_for(x, key_bias(attention_mask, cfg), torch.empty_like(x))
-    scale = 1.0 / math.sqrt(cfg.head_size)
-    region = tensors["splitk_partials"][-PHASE_FLOATS:]
+                         f"(error {case.budget.candidate_error:.2e} > {case.budget.limit:.2e})")
+    region = case.tensors["splitk_partials"][-PHASE_FLOATS:]
 
     def run() -> None:
-        library.run(layer.kernel_ids, tensors, batch, seq, cfg.eps, scale)
+        case.run(case.layer.kernel_ids)
 
     graph_us = time_cuda_graph(run)["median"]
-    run()  # outside any graph, so the stamps' region is this launch's
+    run()  # once outside the capture: a first launch sets the kernels' attributes
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
@@ -142,8 +128,7 @@ def run_case(shape: str, mask: int, dtype: str, launches: int) -> tuple[list[dic
         region.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        raw = region.view(torch.int64).cpu().numpy().reshape(256, SLOTS, 2)
-        stamps.append(raw)
+        stamps.append(region.view(torch.int64).cpu().numpy().reshape(256, SLOTS, 2))
     if not any((s[:, 0, 0] > 0).any() for s in stamps):
         raise SystemExit("phase_clock: no block stamped a clock; apply experiments/patches/"
                          "probe-resident-phase-clock.patch first")

@@ -24,35 +24,48 @@ def parse_case(text: str) -> tuple[str, int]:
     return shape, int(mask)
 
 
+class PreparedPlan:
+    """One plan at one shape, built from this tree and checked against fp32 (`budget`), with fixed inputs in
+    `tensors`; run(kernel_ids) launches some of its kernels on them."""
+
+    def __init__(self, shape: str, mask: int, dtype: str):
+        import torch
+
+        from fusionsearch.config import LayerConfig, parse_shape
+        from fusionsearch.mask import decode
+        from fusionsearch.runtime import FusedEncoderLayer, KernelLibrary, key_bias
+        from fusionsearch.verify import random_inputs, verify_plan
+        from fusionsearch.weights import LayerWeights, torch_dtype
+
+        self.plan = decode(mask)
+        batch, seq = parse_shape(shape)
+        self.cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
+        self.library = KernelLibrary.get(self.cfg, self.plan.segments)
+        weights = LayerWeights.random(self.cfg, seed=0, device="cuda")
+        self.layer = FusedEncoderLayer(self.plan, weights, self.cfg, library=self.library)
+        self.budget = verify_plan(self.layer, weights, self.cfg)
+        x, attention_mask = random_inputs(self.cfg, seed=1)
+        x = x.to(torch_dtype(dtype))
+        self.tensors = self.layer.tensors_for(x, key_bias(attention_mask, self.cfg), torch.empty_like(x))
+
+    def run(self, kernel_ids: list[int]) -> None:
+        cfg = self.cfg
+        self.library.run(kernel_ids, self.tensors, cfg.batch, cfg.seq_len, cfg.eps, 1.0 / math.sqrt(cfg.head_size))
+
+
 def run_case(shape: str, mask: int, dtype: str) -> dict:
-    import torch
-
-    from fusionsearch.config import LayerConfig, parse_shape
-    from fusionsearch.mask import decode
-    from fusionsearch.runtime import FusedEncoderLayer, KernelLibrary, key_bias
     from fusionsearch.timing import time_cuda_graph
-    from fusionsearch.verify import random_inputs, verify_plan
-    from fusionsearch.weights import LayerWeights, torch_dtype
 
-    plan = decode(mask)
-    batch, seq = parse_shape(shape)
-    cfg = LayerConfig(batch=batch, seq_len=seq, dtype=dtype)
-    library = KernelLibrary.get(cfg, plan.segments)
-    weights = LayerWeights.random(cfg, seed=0, device="cuda")
-    layer = FusedEncoderLayer(plan, weights, cfg, library=library)
-    budget = verify_plan(layer, weights, cfg)
-    x, attention_mask = random_inputs(cfg, seed=1)
-    x = x.to(torch_dtype(dtype))
-    tensors = layer.tensors_for(x, key_bias(attention_mask, cfg), torch.empty_like(x))
-    scale = 1.0 / math.sqrt(cfg.head_size)
+    case = PreparedPlan(shape, mask, dtype)
 
     def timed(kernel_ids: list[int]) -> dict:
-        stats = time_cuda_graph(lambda: library.run(kernel_ids, tensors, batch, seq, cfg.eps, scale))
+        stats = time_cuda_graph(lambda: case.run(kernel_ids))
         return {k: stats[k] for k in ("median", "p20", "p80")}
 
+    budget = case.budget
     return {"shape": shape, "mask": mask, "dtype": dtype, "ok": budget.ok, "error": budget.candidate_error,
-            "limit": budget.limit, "plan": timed(layer.kernel_ids),
-            "segments": {seg.name: timed([library.index(seg)]) for seg in plan.segments}}
+            "limit": budget.limit, "plan": timed(case.layer.kernel_ids),
+            "segments": {seg.name: timed([case.library.index(seg)]) for seg in case.plan.segments}}
 
 
 def main() -> int:

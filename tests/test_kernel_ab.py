@@ -110,3 +110,42 @@ def test_decide_names_the_kernels_of_the_cases_before_any_build(tmp_path, capsys
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "ends in '_gelu'" in err and "seg_01_06_fa" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prepared_plan_builds_checks_and_launches_the_plan_it_names(monkeypatch):
+    # The GPU parts stand in as fakes: what is checked is that the plan, shape and inputs reach the library.
+    import fusionsearch.runtime as runtime
+    import fusionsearch.verify as verify
+    import fusionsearch.weights as weights
+
+    launched = []
+
+    class FakeLibrary:
+        @classmethod
+        def get(cls, cfg, segments):
+            library = cls()
+            library.cfg, library.segments = cfg, segments
+            return library
+
+        def run(self, kernel_ids, tensors, batch, seq, eps, scale):
+            launched.append((kernel_ids, tensors["x"].shape, batch, seq, eps, scale))
+
+    class FakeLayer:
+        def __init__(self, plan, layer_weights, cfg, library):
+            self.kernel_ids = list(range(len(plan.segments)))
+
+        def tensors_for(self, x, bias, out):
+            return {"x": x, "key_bias": bias, "out": out}
+
+    monkeypatch.setattr(runtime, "KernelLibrary", FakeLibrary)
+    monkeypatch.setattr(runtime, "FusedEncoderLayer", FakeLayer)
+    monkeypatch.setattr(weights.LayerWeights, "random", classmethod(lambda cls, cfg, seed, device: "weights"))
+    monkeypatch.setattr(verify, "verify_plan", lambda layer, layer_weights, cfg: "budget")
+    real_inputs = verify.random_inputs
+    monkeypatch.setattr(verify, "random_inputs", lambda cfg, seed: real_inputs(cfg, seed, device="cpu"))
+    case = load_experiment("plan_ab").PreparedPlan("2x32", 48996, "bf16")
+    assert case.budget == "budget" and case.plan.mask == 48996
+    assert (case.cfg.batch, case.cfg.seq_len, case.cfg.dtype) == (2, 32, "bf16")
+    assert case.library.segments == case.plan.segments and case.tensors["key_bias"].shape == (2, 32)
+    case.run(case.layer.kernel_ids)
+    assert launched == [(list(range(7)), (2, 32, 768), 2, 32, case.cfg.eps, 0.125)]
