@@ -27,15 +27,24 @@ def kernels_dir() -> Path:
     return _locate("kernels")
 
 
+# The Python that decides what a kernel's source says, beside the templates and headers: a schedule change alters
+# the generated kernels, so it must alter the hash that builds and records are matched on.
+_GENERATING_MODULES = ("codegen.py", "layout.py", "schedule.py")
+
+
 @cache
 def sources_hash() -> str:
-    """Content hash of every template and hand-written kernel header: part of every build key and record."""
+    """Content hash of every template, hand-written kernel header and generating module: part of every build key
+    and record."""
     digest = hashlib.sha256()
     for folder in (templates_dir(), kernels_dir()):
         for path in sorted(folder.iterdir()):
             if path.suffix in (".j2", ".cuh", ".h"):
                 digest.update(path.name.encode())
                 digest.update(path.read_bytes())
+    for name in _GENERATING_MODULES:
+        digest.update(name.encode())
+        digest.update((_PACKAGE_DIR / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

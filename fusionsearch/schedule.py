@@ -145,12 +145,9 @@ def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     resident: list[Stage] = []
     for stage in stages:
         stage = replace(stage, resident_weights=True) if _holds_weights(stage) else stage
-        # FFN1's blocks read whole rows (its K is not split), so LayerNorm 9 before it needs no stage of its own.
-        prev = resident[-1] if resident else None
-        if stage.op == _FFN1 and prev and prev.kind == "rowwise" and prev.op == _LN1 and not prev.absorb_prev:
-            resident[-1] = replace(stage, ops=prev.ops + stage.ops, norm_on_load=True)
-        else:
-            resident.append(stage)
+        # LayerNorm 9 keeps its own stage: every FFN1 block normalising all rows itself costs more issue time than
+        # the grid barrier it saves (experiments/NOTES.md).
+        resident.append(stage)
     return tuple(resident)
 
 

@@ -107,6 +107,25 @@ def test_installed_layout_finds_templates_and_kernels_inside_the_package(wheel, 
     assert len(digest) == 16
 
 
+def test_sources_hash_follows_the_modules_that_shape_generated_kernels(tmp_path, monkeypatch):
+    from fusionsearch import resources
+    package = tmp_path / "fusionsearch"
+    package.mkdir()
+    for name in resources._GENERATING_MODULES:
+        shutil.copy(SOURCE / "fusionsearch" / name, package / name)
+    resources.templates_dir(), resources.kernels_dir()  # found (and cached) in the source tree first
+    monkeypatch.setattr(resources, "_PACKAGE_DIR", package)
+    resources.sources_hash.cache_clear()
+    try:
+        before = resources.sources_hash()
+        with open(package / "schedule.py", "a") as module:
+            module.write("# a schedule change\n")
+        resources.sources_hash.cache_clear()
+        assert resources.sources_hash() != before
+    finally:
+        resources.sources_hash.cache_clear()
+
+
 def test_cutlass_pin_in_pyproject_matches_the_one_errors_name():
     import tomllib
 

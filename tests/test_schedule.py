@@ -114,8 +114,8 @@ def test_resident_weight_stages_hold_the_layer_gemms_and_take_layernorm_9_into_f
     whole = resident_weight_stages(Segment(0, 14, True))
     assert resident_weight_ops(whole) == (0, 7, 10, 12)
     ffn1 = next(stage for stage in whole if stage.op == 10)
-    assert ffn1.norm_on_load and ffn1.ops == (9, 10, 11)
-    assert len(whole) == len(stages_of(Segment(0, 14, True))) - 1
+    assert not ffn1.norm_on_load and ffn1.ops == (10, 11)
+    assert len(whole) == len(stages_of(Segment(0, 14, True)))
     # LayerNorm 9 that absorbs the bias + residual before it keeps its own stage; no layer GEMM, no kernel.
     absorbing = resident_weight_stages(Segment(8, 12))
     assert not any(stage.norm_on_load for stage in absorbing) and resident_weight_ops(absorbing) == (10, 12)
