@@ -136,19 +136,15 @@ def few_item_stages(segment: Segment) -> "tuple[Stage, ...] | None":
 def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     """For a segment with a layer GEMM (one with a weight matrix), the stages of a second kernel for few rows on
     sm_90: every block holds a slice of each of those weight matrices in shared memory, copied in when the kernel
-    starts, so the weight stream runs under the stages and barriers before each GEMM (one block per SM). A plain
-    LayerNorm 9 right before FFN1 becomes FFN1's prologue, one grid barrier fewer. None for segments without a
-    layer GEMM."""
+    starts, so the weight stream runs under the stages and barriers before each GEMM (one block per SM). None for
+    segments without a layer GEMM."""
     stages = stages_of(segment)
     if not any(_holds_weights(stage) for stage in stages):
         return None
-    resident: list[Stage] = []
-    for stage in stages:
-        stage = replace(stage, resident_weights=True) if _holds_weights(stage) else stage
-        # LayerNorm 9 keeps its own stage: every FFN1 block normalising all rows itself costs more issue time than
-        # the grid barrier it saves (experiments/NOTES.md).
-        resident.append(stage)
-    return tuple(resident)
+    # LayerNorm 9 keeps its own stage: every FFN1 block normalising all rows as it loads them cost more than the
+    # grid barrier it saved (experiments/NOTES.md); Stage.norm_on_load and the kernel's NormOnLoad path stay for a
+    # variant that hands FFN1 the row statistics instead.
+    return tuple(replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages)
 
 
 def resident_weight_ops(stages: tuple[Stage, ...]) -> tuple[int, ...]:

@@ -108,7 +108,7 @@ def test_only_lone_attention_has_a_few_item_kernel_of_64_row_items_at_two_blocks
     assert stages_of(Segment(1, 9, True))[1].warp_groups == 1
 
 
-def test_resident_weight_stages_hold_the_layer_gemms_and_take_layernorm_9_into_ffn1():
+def test_resident_weight_stages_hold_the_layer_gemms_and_keep_layernorm_9_a_stage_of_its_own():
     from fusionsearch.schedule import resident_weight_ops, resident_weight_stages
 
     whole = resident_weight_stages(Segment(0, 14, True))
