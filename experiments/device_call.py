@@ -5,7 +5,8 @@
         [--steps build kernels harness report]
 
 Steps run in order, each only if its usual duration (ESTIMATES, from a warm H100 or H200) fits the seconds left,
-and each under a timeout of what is left, so the call returns before the device's limit kills it:
+and each under a timeout of what is left (a SIGTERM, then GRACE seconds to write what it has, then a kill), so the
+call returns before the device's limit kills it:
   ab       kernel_ab.py with --decide; the kept variant with the largest gain is applied to this checkout (on
            the device, the call's copy of the tree), so the steps after it build and prove that variant;
   build    both full libraries, in parallel, into --cache (a warm machine keeps /tmp between calls);
@@ -38,8 +39,12 @@ STEPS = ("ab", "build", "kernels", "harness", "report", "phase")
 PHASE_PROBE = ROOT / "experiments" / "patches" / "probe-resident-phase-clock.patch"
 # Seconds a step usually takes on a warm machine (experiments/NOTES.md, "Device time per step"); a step starts
 # only if this much is left. The A/B's figure is for a few cases; a larger one takes longer.
-ESTIMATES = {"ab": 120, "build": 190, "kernels": 45, "harness": 290, "report": 410, "phase": 150}
-MARGIN = 10  # seconds kept back for packing the results
+ESTIMATES = {"ab": 120, "build": 240, "kernels": 160, "harness": 290, "report": 410, "phase": 60}
+# Seconds a step that runs out of time gets, after a SIGTERM, to end on its own: gpu_suite.py then stops pytest after
+# the current test and still writes its summary, which a SIGKILL at the deadline lost even where every test had
+# passed and only pytest's exit was left.
+GRACE = 20
+MARGIN = GRACE + 10  # seconds kept back at a step's deadline: its grace, then packing the results
 
 
 def plan(steps: list[str], left: float, estimates: dict[str, float] = ESTIMATES) -> list[str]:
@@ -50,6 +55,23 @@ def plan(steps: list[str], left: float, estimates: dict[str, float] = ESTIMATES)
             chosen.append(step)
             left -= estimates[step]
     return chosen
+
+
+def run_until(command: list[str], log: Path, seconds: float, grace: float = GRACE, env: dict | None = None) -> int:
+    """Run `command` from the tree's root with its output in `log`. Past `seconds` it gets a SIGTERM and `grace`
+    more seconds to end on its own before it is killed; the exit code is then 124, as timeout(1) gives."""
+    with open(log, "w") as out:
+        job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return job.wait(timeout=max(1.0, seconds))
+        except subprocess.TimeoutExpired:
+            job.terminate()
+            try:
+                job.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                job.kill()
+                job.wait()
+            return 124
 
 
 def kept_variant(verdict: dict) -> str | None:
@@ -107,12 +129,7 @@ def main() -> int:
 
     def run(name: str, command: list[str], env: dict | None = None) -> int:
         began = time.monotonic()
-        with open(args.out / f"{name}.log", "w") as out:
-            try:
-                code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      timeout=max(1.0, left() - MARGIN)).returncode
-            except subprocess.TimeoutExpired:
-                code = 124
+        code = run_until(command, args.out / f"{name}.log", left() - MARGIN, env=env)
         log.append({"step": name, "exit": code, "seconds": round(time.monotonic() - began, 1),
                     "hash": sources_hash()})
         (args.out / "steps.json").write_text(json.dumps(log, indent=1) + "\n")

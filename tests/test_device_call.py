@@ -58,3 +58,20 @@ def test_the_phase_probe_applies_to_this_tree_and_its_step_is_sized_like_the_oth
     tree = kernel_ab.patched_copy(call.PHASE_PROBE, tmp_path / "tree")
     assert "fs::phase_clock(a.splitk_partials, 0);" in (tree / "templates" / "segment.cu.j2").read_text()
     assert (tree / "experiments" / "phase_clock.py").exists()
+
+
+def test_a_step_past_its_time_is_asked_to_stop_and_may_still_write_its_summary(tmp_path):
+    call = load_experiment("device_call")
+    summary = tmp_path / "summary.txt"
+    polite = ("import signal, sys, time\n"
+              "def stop(*_):\n"
+              f"    open({str(summary)!r}, 'w').write('what ran')\n"
+              "    sys.exit(3)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "print('started', flush=True)\n"
+              "time.sleep(60)\n")
+    assert call.run_until([sys.executable, "-c", polite], tmp_path / "polite.log", 2, grace=20) == 124
+    assert summary.read_text() == "what ran" and "started" in (tmp_path / "polite.log").read_text()
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    assert call.run_until([sys.executable, "-c", stubborn], tmp_path / "stubborn.log", 1, grace=1) == 124
+    assert call.run_until([sys.executable, "-c", "raise SystemExit(5)"], tmp_path / "quick.log", 30) == 5
