@@ -5,8 +5,8 @@
         [--out DIR]
 
 The patch makes thread 0 of every block of a resident-weight kernel stamp %globaltimer and clock64 when the kernel
-starts, when its weight copies are issued, before and after every stage, and when each GEMM's weight slice has
-landed (kernels/fs_common.cuh `phase_clock`, slots below). This script checks each plan against fp32, captures it in
+starts, inside its start (once its slices are read, once past the block barrier), when its weight copies are
+issued, before and after every stage, and when each GEMM's weight slice has landed (kernels/fs_common.cuh `phase_clock`, slots below). This script checks each plan against fp32, captures it in
 a CUDA graph, replays it --launches times with the stamps cleared before each, and prints per phase the µs since
 the first block started: the earliest, median and latest block, each the median over the launches. Per-block
 intervals come from clock64 at the block's own rate (its cycles over its globaltimer span), since the globaltimer
@@ -25,11 +25,16 @@ import numpy as np
 SLOTS = 32  # kPhaseClockSlots
 PHASE_FLOATS = 256 * SLOTS * 4  # 256 blocks × 32 slots × two u64, at the end of the split-K partials
 WEIGHT_SLOT = 24  # phase of GEMM slot s's weights landing: 24 + s
+# Phases inside Resident::start (fs_gemm_resident.cuh in the probe); stage i takes slots 2i and 2i + 1, below them.
+START_SLOTS = {20: "slices read, weight barriers armed", 21: "start's block barrier passed"}
 
 
 def phase_names(stage_ops: list[tuple[int, ...]], gemm_ops: list[int]) -> dict[int, str]:
     """Slot → name for a resident kernel of these stages (operators per stage) and resident GEMMs (stage order)."""
-    names = {0: "kernel start", 1: "weight copies issued"}
+    if 2 * len(stage_ops) + 1 >= min(START_SLOTS):
+        raise ValueError(f"{len(stage_ops)} stages need slots up to {2 * len(stage_ops) + 1}, past the probe's "
+                         f"{min(START_SLOTS)}: move START_SLOTS and the probe's stamps up")
+    names = {0: "kernel start", 1: "weight copies issued", **START_SLOTS}
     for i, ops in enumerate(stage_ops, start=1):
         label = f"stage {i} ({ops[0]}–{ops[-1]})" if len(ops) > 1 else f"stage {i} ({ops[0]})"
         if i > 1:

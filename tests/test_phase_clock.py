@@ -21,6 +21,14 @@ def test_phase_names_follow_the_resident_stages():
     assert names[3] == "stage 1 (0–1) ends" and 2 not in names
     assert names[4] == "stage 2 (2–6) starts (grid barrier passed)" and names[7] == "stage 3 (12–14) ends"
     assert names[24] == "GEMM 0 weight slice landed" and names[25] == "GEMM 12 weight slice landed"
+    assert names[20] == "slices read, weight barriers armed" and names[21] == "start's block barrier passed"
+
+
+def test_phase_names_refuse_stages_that_would_reach_the_starts_slots():
+    phase_clock = load_experiment("phase_clock")
+    assert len(phase_clock.phase_names([(op,) for op in range(9)], [0])) == 2 + 2 + 2 * 8 + 1 + 1
+    with pytest.raises(ValueError, match="10 stages need slots up to 21"):
+        phase_clock.phase_names([(op,) for op in range(10)], [0])
 
 
 def test_block_times_use_each_blocks_cycles_at_its_own_rate_and_its_start_on_the_globaltimer():
