@@ -5,14 +5,14 @@
         [--out DIR]
 
 The patch makes thread 0 of every block of a resident-weight kernel stamp %globaltimer and clock64 when the kernel
-starts, inside its start (once its slices are read, once past the block barrier), when its weight copies are
-issued, before and after every stage, and when each GEMM's weight slice has landed (kernels/fs_common.cuh `phase_clock`, slots below). This script checks each plan against fp32, captures it in
-a CUDA graph, replays it --launches times with the stamps cleared before each, and prints per phase the µs since
-the first block started: the earliest, median and latest block, each the median over the launches. Per-block
-intervals come from clock64 at the block's own rate (its cycles over its globaltimer span), since the globaltimer
-may tick coarser than the phases are long; the offset of each block's start comes from the globaltimer.
-Writes DIR/phase-<shape>-<dtype>.md and .json when --out is given. Without the patch no stamps appear and it
-says so.
+starts, inside its start (once its slices are read, once past the block barrier), when its weight copies are issued,
+before and after every stage, and when each GEMM's weight slice has landed (kernels/fs_common.cuh `phase_clock`,
+slots below). This script checks each plan against fp32, captures it in a CUDA graph, replays it --launches times
+with the stamps cleared before each, and prints per phase the µs since the first block started: the earliest, median
+and latest block, each the median over the launches. Per-block intervals come from clock64 at the block's own rate
+(its cycles over its globaltimer span), since the globaltimer may tick coarser than the phases are long; the offset
+of each block's start comes from the globaltimer. Writes DIR/phase-<shape>-<dtype>.md and .json when --out is given.
+Without the patch no stamps appear and it says so.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ _QKV_SPLIT = 1
 _EPILOGUE_OF = {0: 1, 2: 3, 5: 6, 7: 8, 10: 11, 12: 13}
 # Row reduction → the elementwise operator before it that it applies on load.
 _ABSORBED_BY = {4: 3, 9: 8, 14: 13}
-_MERGE_HEADS, _OUT_GEMM, _LN1, _FFN1 = 6, 7, 9, 10
+_MERGE_HEADS, _OUT_GEMM = 6, 7
 # GEMMs whose GEMM + epilogue segment Hopper runs through CUTLASS at many rows (kernels/fs_gemm_sm90.cuh).
 _HOPPER_SEGMENT_GEMMS = (7, 10, 12)
 # GEMMs that multiply by a weight matrix (the others multiply activations).
