@@ -92,14 +92,25 @@ def gpu_tag() -> str:
     return "h200" if "H200" in result.stdout else "h100"
 
 
-def install_wheels(folder: Path) -> None:
-    """The device lacks some packages and has no internet: install carried wheels into /tmp/site."""
-    wheels = sorted(str(w) for w in folder.glob("*.whl"))
+SITE = Path("/tmp/site")
+
+
+def install_wheels(folder: Path, site: Path = SITE) -> bool:
+    """The device lacks some packages and has no internet: install carried wheels into `site`, unless the same
+    wheels are there already (a warm machine keeps /tmp). Reinstalling would give the CUTLASS headers new times,
+    and ninja would then rebuild every unit that includes them, although nothing changed. True if it installed."""
+    wheels = sorted(folder.glob("*.whl"))
     if not wheels:
         raise SystemExit(f"device_call: no wheels in {folder}; run ../shared/device-wheels.sh and carry .whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", "/tmp/site", *wheels], check=True)
-    os.environ["PYTHONPATH"] = os.pathsep.join(["/tmp/site", str(ROOT), os.environ.get("PYTHONPATH", "")])
+    marker = site / ".installed-wheels.json"
+    wanted = json.dumps([[w.name, w.stat().st_size] for w in wheels])
+    installed = not (marker.is_file() and marker.read_text() == wanted)
+    if installed:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+        marker.write_text(wanted)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return installed
 
 
 def main() -> int:

@@ -75,3 +75,20 @@ def test_a_step_past_its_time_is_asked_to_stop_and_may_still_write_its_summary(t
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
     assert call.run_until([sys.executable, "-c", stubborn], tmp_path / "stubborn.log", 1, grace=1) == 124
     assert call.run_until([sys.executable, "-c", "raise SystemExit(5)"], tmp_path / "quick.log", 30) == 5
+
+
+def test_wheels_are_installed_once_per_set_so_a_warm_machine_keeps_its_header_times(tmp_path, monkeypatch):
+    call = load_experiment("device_call")
+    wheels, site = tmp_path / "whl", tmp_path / "site"
+    wheels.mkdir()
+    site.mkdir()
+    (wheels / "nvidia_cutlass-4.2.0.0-py3-none-any.whl").write_bytes(b"x" * 10)
+    pip_runs = []
+    monkeypatch.setattr(call.subprocess, "run", lambda command, **kwargs: pip_runs.append(command))
+    monkeypatch.setenv("PYTHONPATH", "")
+    assert call.install_wheels(wheels, site) and len(pip_runs) == 1
+    assert str(site) in call.os.environ["PYTHONPATH"].split(call.os.pathsep)
+    assert not call.install_wheels(wheels, site) and len(pip_runs) == 1  # the same wheels: nothing to do
+    (wheels / "tqdm-4.70.1-py3-none-any.whl").write_bytes(b"y")
+    assert call.install_wheels(wheels, site) and len(pip_runs) == 2
+    assert "--target" in pip_runs[-1] and str(site) in pip_runs[-1]
