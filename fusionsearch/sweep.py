@@ -23,9 +23,9 @@ import torch
 
 from . import records, timing
 from .config import LayerConfig
-from .plan import Plan, Segment, all_segments, enumerate_plans
+from .plan import Plan, all_segments, enumerate_plans
 from .reference import error_budget, reference_forward
-from .runtime import FusedEncoderLayer, KernelLibrary, key_bias, run_segment
+from .runtime import FusedEncoderLayer, KernelLibrary, key_bias
 from .verify import random_inputs, verify_segment
 from .weights import LayerWeights, torch_dtype
 from .worker import rotation_count

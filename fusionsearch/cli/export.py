@@ -55,7 +55,6 @@ def _best_from_search(folder: Path) -> tuple[int, dict]:
 
 
 def run(args) -> int:
-    from ..build import current_arch
     from ..export import default_provenance, export_plan
 
     batch, seq_len = parse_shape(args.shape)
