@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plan_ab import PreparedPlan, parse_case  # noqa: E402
 
 SLOTS = 32  # kPhaseClockSlots
 PHASE_FLOATS = 256 * SLOTS * 4  # 256 blocks × 32 slots × two u64, at the end of the split-K partials
@@ -106,7 +110,6 @@ def run_case(shape: str, mask: int, dtype: str, launches: int) -> tuple[list[dic
     from fusionsearch.mask import decode
     from fusionsearch.schedule import resident_weight_ops, resident_weight_stages
     from fusionsearch.timing import time_cuda_graph
-    from plan_ab import PreparedPlan
 
     resident = [seg for seg in decode(mask).segments if resident_weight_stages(seg)]
     if len(resident) != 1:
@@ -143,26 +146,23 @@ def run_case(shape: str, mask: int, dtype: str, launches: int) -> tuple[list[dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["1x32:32768"], help="SHAPE:MASK pairs")
+    parser.add_argument("--cases", nargs="+", type=parse_case, default=[("1x32", 32768)], help="SHAPE:MASK pairs")
     parser.add_argument("--dtypes", nargs="+", default=["fp16"], choices=["fp16", "bf16"])
     parser.add_argument("--launches", type=int, default=50)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.launches < 1:
         parser.error(f"--launches {args.launches}: give at least 1")
-    for case in args.cases:
-        shape, _, mask = case.partition(":")
-        if not mask.isdigit():
-            parser.error(f"case {case!r} is not SHAPE:MASK; write e.g. 1x32:32768")
+    for shape, mask in args.cases:
         for dtype in args.dtypes:
-            rows, graph_us, title = run_case(shape, int(mask), dtype, args.launches)
+            rows, graph_us, title = run_case(shape, mask, dtype, args.launches)
             text = markdown(title, rows, graph_us)
             print(text, flush=True)
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / f"phase-{shape}-{dtype}.md").write_text(text)
                 (args.out / f"phase-{shape}-{dtype}.json").write_text(json.dumps(
-                    {"shape": shape, "mask": int(mask), "dtype": dtype, "graph_us": graph_us, "phases": rows},
+                    {"shape": shape, "mask": mask, "dtype": dtype, "graph_us": graph_us, "phases": rows},
                     indent=1))
     return 0
 
