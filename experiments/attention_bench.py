@@ -49,7 +49,7 @@ def main() -> int:
         layer = FusedEncoderLayer(plan, weights, cfg, library=library)
         x, mask = random_inputs(cfg, seed=1)
         x = x.to(dtype)
-        bias = key_bias(mask, cfg)
+        bias = key_bias(mask)
         tensors = layer.tensors_for(x, bias, torch.empty_like(x))
         layer.run_into(x, mask, torch.empty_like(x))  # fills qkv_heads
         kernel = [library.index(attention)]

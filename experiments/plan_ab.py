@@ -46,7 +46,7 @@ class PreparedPlan:
         self.budget = verify_plan(self.layer, weights, self.cfg)
         x, attention_mask = random_inputs(self.cfg, seed=1)
         x = x.to(torch_dtype(dtype))
-        self.tensors = self.layer.tensors_for(x, key_bias(attention_mask, self.cfg), torch.empty_like(x))
+        self.tensors = self.layer.tensors_for(x, key_bias(attention_mask), torch.empty_like(x))
 
     def run(self, kernel_ids: list[int]) -> None:
         cfg = self.cfg

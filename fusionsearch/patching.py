@@ -1,6 +1,7 @@
 """Replace every encoder layer of a model in place with a fused layer running one plan, keeping its weights."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 
@@ -47,34 +48,76 @@ def _why_unsupported(name: str, module: nn.Module) -> str | None:
     return None
 
 
-class _HFLayerAdapter(nn.Module):
+class MaskBiasCache:
+    """The key bias of the mask one call of a patched model hands each of its layers: made by the first layer and
+    reused by the rest, two small kernels a layer fewer. It serves only between `begin` and `end`, which patch()
+    hooks around every call of the model: a bias made while a CUDA graph is captured holds its values only when
+    that graph replays, so it must not outlive the call. Outside a model call every layer converts its own mask."""
+
+    def __init__(self):
+        self.active, self.mask, self.bias = False, None, None
+
+    def begin(self, *_) -> None:
+        self.active, self.mask, self.bias = True, None, None
+
+    def end(self, *_) -> None:
+        self.active, self.mask, self.bias = False, None, None
+
+    def bias_for(self, mask: "torch.Tensor | None", make) -> "torch.Tensor | None":
+        """make(mask), or what it gave for this very mask object earlier in the same model call."""
+        if mask is None:
+            return None
+        if not self.active:
+            return make(mask)
+        if self.mask is not mask:
+            self.mask, self.bias = mask, make(mask)
+        return self.bias
+
+
+def _takes_mask_bias(fused: nn.Module) -> bool:
+    # Modules exported before mask_bias existed take the mask only.
+    return "mask_bias" in inspect.signature(fused.forward).parameters
+
+
+class _LayerAdapter(nn.Module):
+    """Runs the fused layer on a padding mask in the attend form, converted once per model call where it can."""
+
+    def __init__(self, fused: nn.Module, cache: MaskBiasCache):
+        super().__init__()
+        self.fused, self.cache, self.biased = fused, cache, _takes_mask_bias(fused)
+
+    def run(self, hidden_states: torch.Tensor, mask, attend) -> torch.Tensor:
+        """The fused layer on hidden_states; `attend(mask)` gives the [B, S] mask with 1 = attend."""
+        from .runtime import key_bias
+        x = hidden_states.to(self.fused.dtype).contiguous()
+        if self.biased:
+            out = self.fused(x, mask_bias=self.cache.bias_for(mask, lambda m: key_bias(attend(m))))
+        else:
+            out = self.fused(x, None if mask is None else attend(mask))
+        return out.to(hidden_states.dtype)
+
+
+class _HFLayerAdapter(_LayerAdapter):
     """Takes a Hugging Face layer's call (hidden_states, extended mask, …) and returns what that layer returns."""
 
-    def __init__(self, fused: nn.Module, returns_tuple: bool):
-        super().__init__()
-        self.fused, self.returns_tuple = fused, returns_tuple
+    def __init__(self, fused: nn.Module, returns_tuple: bool, cache: MaskBiasCache):
+        super().__init__(fused, cache)
+        self.returns_tuple = returns_tuple
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         from .runtime import attend_mask
-        dtype = hidden_states.dtype
-        out = self.fused(hidden_states.to(self.fused.dtype).contiguous(), attend_mask(attention_mask)).to(dtype)
+        out = self.run(hidden_states, attention_mask, attend_mask)
         return (out,) if self.returns_tuple else out
 
 
-class _TorchLayerAdapter(nn.Module):
+class _TorchLayerAdapter(_LayerAdapter):
     """Takes nn.TransformerEncoder's call to a layer (src, src_mask, src_key_padding_mask, is_causal)."""
-
-    def __init__(self, fused: nn.Module):
-        super().__init__()
-        self.fused = fused
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         if src_mask is not None or is_causal:
             raise ConfigError("the fused layer supports key padding masks only, not src_mask or is_causal; "
                               "pass src_key_padding_mask instead")
-        attend = None if src_key_padding_mask is None else ~src_key_padding_mask.to(torch.bool)
-        dtype = src.dtype
-        return self.fused(src.to(self.fused.dtype).contiguous(), attend).to(dtype)
+        return self.run(src, src_key_padding_mask, lambda padding: ~padding.to(torch.bool))
 
 
 def _hf_returns_tuple() -> bool:
@@ -118,13 +161,23 @@ def patch(model: nn.Module, plan_or_module, dtype: str = "fp16", dry_run: bool =
                           f"{report}")
         return report
     builder = _layer_builder(plan_or_module, dtype, cuda_graphs)
+    cache = share_mask_bias(model)
     for name in report.replaced:
         module = model.get_submodule(name)
         if isinstance(module, nn.TransformerEncoderLayer):
-            _set_child(model, name, _TorchLayerAdapter(builder(module, torch_layer=True)))
+            _set_child(model, name, _TorchLayerAdapter(builder(module, torch_layer=True), cache))
         else:
-            _set_child(model, name, _HFLayerAdapter(builder(module, torch_layer=False), _hf_returns_tuple()))
+            _set_child(model, name, _HFLayerAdapter(builder(module, torch_layer=False), _hf_returns_tuple(), cache))
     return report
+
+
+def share_mask_bias(model: nn.Module) -> MaskBiasCache:
+    """A mask-bias cache that serves the layers of `model` during each of its calls (hooks on the model; the
+    closing one runs even when the call raises)."""
+    cache = MaskBiasCache()
+    model.register_forward_pre_hook(cache.begin)
+    model.register_forward_hook(cache.end, always_call=True)
+    return cache
 
 
 def _layer_builder(plan_or_module, dtype: str, cuda_graphs: bool):

@@ -61,7 +61,7 @@ def _empty_like_any(tensors: dict) -> torch.Tensor:
     return torch.empty(0, device=sample.device)
 
 
-def key_bias(attention_mask: "torch.Tensor | None", cfg: LayerConfig) -> "torch.Tensor | None":
+def key_bias(attention_mask: "torch.Tensor | None") -> "torch.Tensor | None":
     """HF attention_mask [B, S] (1 = attend) → float32 additive bias: 0 or the lowest float32."""
     if attention_mask is None:
         return None
@@ -164,6 +164,15 @@ class FusedEncoderLayer(nn.Module):
                                   "move the mask to the same device")
         return batch, seq_len
 
+    def _check_bias(self, x: torch.Tensor, mask_bias: torch.Tensor) -> None:
+        batch, seq_len = int(x.shape[0]), int(x.shape[1])
+        if tuple(mask_bias.shape) != (batch, seq_len) or mask_bias.dtype != torch.float32:
+            raise ConfigError(f"mask_bias is {mask_bias.dtype} {list(mask_bias.shape)}; it must be float32 "
+                              f"[{batch}, {seq_len}] as fusionsearch.runtime.key_bias(attention_mask) makes it")
+        if mask_bias.device != x.device or not mask_bias.is_contiguous():
+            raise ConfigError(f"mask_bias is on {mask_bias.device} (contiguous: {mask_bias.is_contiguous()}); it "
+                              f"must be a contiguous tensor on {x.device}, as key_bias makes it")
+
     def tensors_for(self, x: torch.Tensor, bias: "torch.Tensor | None", out: torch.Tensor) -> dict:
         batch, seq_len = int(x.shape[0]), int(x.shape[1])
         tensors = dict(self.workspace(batch, seq_len))
@@ -182,42 +191,49 @@ class FusedEncoderLayer(nn.Module):
     def run_into(self, x: torch.Tensor, attention_mask: "torch.Tensor | None", out: torch.Tensor) -> torch.Tensor:
         """forward() writing into a given output buffer (verification poisons it first)."""
         self._check_inputs(x, attention_mask)
-        return self._launch(x, attention_mask, out)
+        return self._launch(x, key_bias(attention_mask), out)
 
-    def _launch(self, x: torch.Tensor, attention_mask: "torch.Tensor | None",
-                out: "torch.Tensor | None" = None) -> torch.Tensor:
+    def _launch(self, x: torch.Tensor, bias: "torch.Tensor | None", out: "torch.Tensor | None" = None) -> torch.Tensor:
         batch, seq_len = int(x.shape[0]), int(x.shape[1])
         out = torch.empty_like(x) if out is None else out
-        tensors = self.tensors_for(x, key_bias(attention_mask, self.cfg), out)
+        tensors = self.tensors_for(x, bias, out)
         self.library.run(self.kernel_ids, tensors, batch, seq_len, self.cfg.eps, 1.0 / math.sqrt(self.cfg.head_size))
         return out
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: "torch.Tensor | None" = None) -> torch.Tensor:
-        """hidden_states [B, S, H] in the layer's dtype; attention_mask [B, S] with 1 = attend (HF) or None."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask: "torch.Tensor | None" = None, *,
+                mask_bias: "torch.Tensor | None" = None) -> torch.Tensor:
+        """hidden_states [B, S, H] in the layer's dtype; attention_mask [B, S] with 1 = attend (HF) or None. Or,
+        instead of the mask, mask_bias: the float32 key bias key_bias(attention_mask) makes, for callers that hand
+        one mask to many layers and convert it once (patch() does)."""
         self._check_inputs(hidden_states, attention_mask)
+        if mask_bias is not None:
+            if attention_mask is not None:
+                raise ConfigError("give attention_mask or mask_bias, not both")
+            self._check_bias(hidden_states, mask_bias)
+        bias = mask_bias if mask_bias is not None else key_bias(attention_mask)
         if not self.cuda_graphs or torch.cuda.is_current_stream_capturing():
-            return self._launch(hidden_states, attention_mask)
-        return self._replay(hidden_states, attention_mask)
+            return self._launch(hidden_states, bias)
+        return self._replay(hidden_states, bias)
 
-    def _replay(self, x: torch.Tensor, attention_mask: "torch.Tensor | None") -> torch.Tensor:
+    def _replay(self, x: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
         """Capture one CUDA graph per (shape, has-mask) and replay it on copies of the inputs."""
-        key = (tuple(x.shape), attention_mask is not None)
+        key = (tuple(x.shape), bias is not None)
         if key not in self._graphs:
             static_x = x.clone()
-            static_mask = None if attention_mask is None else attention_mask.clone()
+            static_bias = None if bias is None else bias.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._launch(static_x, static_mask)  # warm-up outside the capture (first launch sets attributes)
+                self._launch(static_x, static_bias)  # warm-up outside the capture (first launch sets attributes)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self._launch(static_x, static_mask)
-            self._graphs[key] = (graph, static_x, static_mask, static_out)
-        graph, static_x, static_mask, static_out = self._graphs[key]
+                static_out = self._launch(static_x, static_bias)
+            self._graphs[key] = (graph, static_x, static_bias, static_out)
+        graph, static_x, static_bias, static_out = self._graphs[key]
         static_x.copy_(x)
-        if static_mask is not None:
-            static_mask.copy_(attention_mask)
+        if static_bias is not None:
+            static_bias.copy_(bias)
         graph.replay()
         return static_out.clone()  # the static buffer is overwritten by the next replay
 

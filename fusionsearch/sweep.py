@@ -48,7 +48,7 @@ class _Rig:
             w32 = self.weights32 if k == 0 else LayerWeights.random(cfg, seed=seed + 1000 * k, device="cuda")
             x, mask = random_inputs(cfg, seed + k)
             layer = FusedEncoderLayer(first, w32, cfg, library=self.library)
-            self.sets.append((layer, x.to(dtype), mask, key_bias(mask, cfg)))
+            self.sets.append((layer, x.to(dtype), mask, key_bias(mask)))
         layer, x, mask, _ = self.sets[0]
         self.reference = reference_forward(x.float(), mask, self.weights32, cfg, torch.float32)
         self.eager = reference_forward(x, mask, self.weights32, cfg, dtype)

@@ -66,7 +66,7 @@ def verify_segment(library: KernelLibrary, segment: Segment, weights: LayerWeigh
 
     tensors = {name: t.contiguous() for name, t in w_low.tensors().items()}
     tensors["x"] = env_low["x"].contiguous()
-    tensors["key_bias"] = key_bias(mask, cfg)
+    tensors["key_bias"] = key_bias(mask)
     tensors.update(splitk_workspace(x.device))
     for op in OPS:
         buffer = torch.empty(workspace_shape(op.output, cfg), device=x.device, dtype=dtype)

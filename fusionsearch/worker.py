@@ -230,7 +230,7 @@ def _kernel_runner(layer, cfg, inputs, segments, out):
         return runner(segments[0])
     if not (hasattr(layer, "tensors_for") and hasattr(layer, "library")):
         return lambda: layer(inputs.x, inputs.attention_mask)  # a runtime without the hooks: time forward()
-    tensors = layer.tensors_for(inputs.x, key_bias(inputs.attention_mask, cfg), out)
+    tensors = layer.tensors_for(inputs.x, key_bias(inputs.attention_mask), out)
     ids = [layer.library.index(seg) for seg in segments]
     scale = 1.0 / math.sqrt(cfg.head_size)
     return lambda: layer.library.run(ids, tensors, cfg.batch, cfg.seq_len, cfg.eps, scale)

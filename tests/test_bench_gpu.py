@@ -201,3 +201,40 @@ def test_bench_all_command_sweeps_in_process_and_resumes(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert "speed-up" in out and report["best"] in out
     assert len(list(records.read_records(path))) == written  # resume measured nothing again
+
+
+# ---------------------------------------------------------------- patch()
+
+def test_a_patched_model_converts_its_mask_once_per_call(monkeypatch):
+    """Three patched HF layers share one key bias per model call: two small kernels fewer for each layer after the
+    first, and the same output as with every layer converting its own mask (and close to the fp32 model)."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from fusionsearch import patching
+    from fusionsearch.timing import run_and_list_kernels
+
+    config = transformers.BertConfig(hidden_size=CFG.hidden, num_attention_heads=CFG.heads,
+                                     intermediate_size=CFG.ffn, num_hidden_layers=3, hidden_act="gelu")
+    torch.manual_seed(0)
+    reference = transformers.BertModel(config).eval().cuda()
+    model = copy.deepcopy(reference).half()
+    ids = torch.randint(0, config.vocab_size, (CFG.batch, CFG.seq_len), device="cuda")
+    mask = torch.ones(CFG.batch, CFG.seq_len, dtype=torch.long, device="cuda")
+    mask[1, 40:] = 0
+    assert len(patching.patch(model, PLANS[3]).replaced) == 3
+
+    def run():
+        return model(ids, attention_mask=mask).last_hidden_state
+
+    with torch.no_grad():
+        run()  # first calls set kernel attributes
+        shared, shared_kernels = run_and_list_kernels(run)
+        monkeypatch.setattr(patching.MaskBiasCache, "bias_for", lambda self, m, make: None if m is None else make(m))
+        own, own_kernels = run_and_list_kernels(run)
+        expected = reference(ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(shared, own)
+    valid = mask.bool()
+    error = float((shared[valid].float() - expected[valid]).norm() / expected[valid].norm())
+    assert error < 1e-2, error
+    assert len(own_kernels) - len(shared_kernels) == 2 * (3 - 1), (own_kernels, shared_kernels)

@@ -154,7 +154,7 @@ class FakeLayer:
     def run_into(self, x, attention_mask, out):
         from fusionsearch.runtime import key_bias
 
-        tensors = self.tensors_for(x, key_bias(attention_mask, self.cfg), out)
+        tensors = self.tensors_for(x, key_bias(attention_mask), out)
         self.library.run(list(range(len(self.plan.segments))), tensors, self.cfg.batch, self.cfg.seq_len,
                          self.cfg.eps, 0.0)
         return out
