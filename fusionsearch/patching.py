@@ -50,7 +50,7 @@ def _why_unsupported(name: str, module: nn.Module) -> str | None:
 
 class MaskBiasCache:
     """The key bias of the mask one call of a patched model hands each of its layers: made by the first layer and
-    reused by the rest, two small kernels a layer fewer. It serves only between `begin` and `end`, which patch()
+    reused by the rest, which then launch none of its kernels. It serves only between `begin` and `end`, which patch()
     hooks around every call of the model: a bias made while a CUDA graph is captured holds its values only when
     that graph replays, so it must not outlive the call. Outside a model call every layer converts its own mask."""
 

@@ -206,12 +206,14 @@ def test_bench_all_command_sweeps_in_process_and_resumes(tmp_path, capsys, monke
 # ---------------------------------------------------------------- patch()
 
 def test_a_patched_model_converts_its_mask_once_per_call(monkeypatch):
-    """Three patched HF layers share one key bias per model call: two small kernels fewer for each layer after the
-    first, and the same output as with every layer converting its own mask (and close to the fp32 model)."""
+    """Three patched HF layers share one key bias per model call: each layer after the first launches none of the
+    mask conversion's kernels, and the output is the same as with every layer converting its own mask (and close
+    to the fp32 model)."""
     transformers = pytest.importorskip("transformers")
     import copy
 
     from fusionsearch import patching
+    from fusionsearch.runtime import attend_mask, key_bias
     from fusionsearch.timing import run_and_list_kernels
 
     config = transformers.BertConfig(hidden_size=CFG.hidden, num_attention_heads=CFG.heads,
@@ -223,6 +225,10 @@ def test_a_patched_model_converts_its_mask_once_per_call(monkeypatch):
     mask = torch.ones(CFG.batch, CFG.seq_len, dtype=torch.long, device="cuda")
     mask[1, 40:] = 0
     assert len(patching.patch(model, PLANS[3]).replaced) == 3
+    layer_masks = []  # the mask the model hands its first layer, as that layer receives it
+    model.encoder.layer[0].register_forward_pre_hook(
+        lambda _, args, kwargs: layer_masks.append(kwargs.get("attention_mask", args[1] if len(args) > 1 else None)),
+        with_kwargs=True)
 
     def run():
         return model(ids, attention_mask=mask).last_hidden_state
@@ -233,8 +239,11 @@ def test_a_patched_model_converts_its_mask_once_per_call(monkeypatch):
         monkeypatch.setattr(patching.MaskBiasCache, "bias_for", lambda self, m, make: None if m is None else make(m))
         own, own_kernels = run_and_list_kernels(run)
         expected = reference(ids, attention_mask=mask).last_hidden_state
+        _, conversion = run_and_list_kernels(lambda: key_bias(attend_mask(layer_masks[-1])))
+    assert conversion, "converting the layer's mask launched no kernel, so sharing it cannot be seen"
     assert torch.equal(shared, own)
     valid = mask.bool()
     error = float((shared[valid].float() - expected[valid]).norm() / expected[valid].norm())
     assert error < 1e-2, error
-    assert len(own_kernels) - len(shared_kernels) == 2 * (3 - 1), (own_kernels, shared_kernels)
+    assert len(own_kernels) - len(shared_kernels) == len(conversion) * (3 - 1), (conversion, own_kernels,
+                                                                                 shared_kernels)
