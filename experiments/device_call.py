@@ -39,7 +39,7 @@ STEPS = ("ab", "build", "kernels", "harness", "report", "phase")
 PHASE_PROBE = ROOT / "experiments" / "patches" / "probe-resident-phase-clock.patch"
 # Seconds a step usually takes on a warm machine (experiments/NOTES.md, "Device time per step"); a step starts
 # only if this much is left. The A/B's figure is for a few cases; a larger one takes longer.
-ESTIMATES = {"ab": 120, "build": 240, "kernels": 160, "harness": 290, "report": 410, "phase": 60}
+ESTIMATES = {"ab": 120, "build": 240, "kernels": 160, "harness": 470, "report": 460, "phase": 60}
 # Seconds a step that runs out of time gets, after a SIGTERM, to end on its own: gpu_suite.py then stops pytest after
 # the current test and still writes its summary, which a SIGKILL at the deadline lost even where every test had
 # passed and only pytest's exit was left.
