@@ -5,9 +5,9 @@
         [--out DIR]
 
 The patch makes thread 0 of every block of a resident-weight kernel stamp %globaltimer and clock64 when the kernel
-starts, inside its start (once its slices are read, once past the block barrier), when its weight copies are issued,
-before and after every stage, and when each GEMM's weight slice has landed (kernels/fs_common.cuh `phase_clock`,
-slots below). This script checks each plan against fp32, captures it in a CUDA graph, replays it --launches times
+starts, inside its start (once its slices are read, once past the block barrier, once the first GEMM's copy is
+issued), when its weight copies are issued, before and after every stage, when each GEMM's weight slice has landed,
+and inside each resident GEMM's first row group (kernels/fs_common.cuh `phase_clock`, slots below). This script checks each plan against fp32, captures it in a CUDA graph, replays it --launches times
 with the stamps cleared before each, and prints per phase the µs since the first block started: the earliest, median
 and latest block, each the median over the launches. Per-block intervals come from clock64 at the block's own rate
 (its cycles over its globaltimer span), since the globaltimer may tick coarser than the phases are long; the offset
@@ -26,11 +26,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plan_ab import PreparedPlan, parse_case  # noqa: E402
 
-SLOTS = 32  # kPhaseClockSlots
-PHASE_FLOATS = 256 * SLOTS * 4  # 256 blocks × 32 slots × two u64, at the end of the split-K partials
+SLOTS = 64  # kPhaseClockSlots
+PHASE_FLOATS = 256 * SLOTS * 4  # 256 blocks × SLOTS slots × two u64, at the end of the split-K partials
 WEIGHT_SLOT = 24  # phase of GEMM slot s's weights landing: 24 + s
 # Phases inside Resident::start (fs_gemm_resident.cuh in the probe); stage i takes slots 2i and 2i + 1, below them.
-START_SLOTS = {20: "slices read, weight barriers armed", 21: "start's block barrier passed"}
+START_SLOTS = {20: "slices read, weight barriers armed", 21: "start's block barrier passed",
+               22: "first GEMM's weight copy issued (thread 0)"}
+# Phases inside resident GEMM slot s, its first group of 32 rows: slot GEMM_SLOT + 4s + k for k in this order.
+GEMM_SLOT = 32
+GEMM_PHASES = ("thread 0's A in and its sums written", "every warp's sums in", "thread 0's results stored",
+               "this split's arrival counted")
 
 
 def phase_names(stage_ops: list[tuple[int, ...]], gemm_ops: list[int]) -> dict[int, str]:
@@ -46,6 +51,8 @@ def phase_names(stage_ops: list[tuple[int, ...]], gemm_ops: list[int]) -> dict[i
         names[2 * i + 1] = f"{label} ends"
     for slot, op in enumerate(gemm_ops):
         names[WEIGHT_SLOT + slot] = f"GEMM {op} weight slice landed"
+        for k, phase in enumerate(GEMM_PHASES):
+            names[GEMM_SLOT + len(GEMM_PHASES) * slot + k] = f"GEMM {op}: {phase}"
     return names
 
 

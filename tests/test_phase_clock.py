@@ -8,7 +8,7 @@ from experiment_scripts import load_experiment
 
 
 def _stamps(blocks: dict[int, dict[int, tuple[int, int]]]) -> np.ndarray:
-    raw = np.zeros((256, 32, 2), dtype=np.int64)
+    raw = np.zeros((256, load_experiment("phase_clock").SLOTS, 2), dtype=np.int64)
     for block, phases in blocks.items():
         for slot, (ns, cycles) in phases.items():
             raw[block, slot] = (ns, cycles)
@@ -22,11 +22,15 @@ def test_phase_names_follow_the_resident_stages():
     assert names[4] == "stage 2 (2–6) starts (grid barrier passed)" and names[7] == "stage 3 (12–14) ends"
     assert names[24] == "GEMM 0 weight slice landed" and names[25] == "GEMM 12 weight slice landed"
     assert names[20] == "slices read, weight barriers armed" and names[21] == "start's block barrier passed"
+    assert names[22] == "first GEMM's weight copy issued (thread 0)"
+    assert names[32] == "GEMM 0: thread 0's A in and its sums written" and names[33] == "GEMM 0: every warp's sums in"
+    assert names[38] == "GEMM 12: thread 0's results stored" and names[39] == "GEMM 12: this split's arrival counted"
+    assert max(names) < load_experiment("phase_clock").SLOTS
 
 
 def test_phase_names_refuse_stages_that_would_reach_the_starts_slots():
     phase_clock = load_experiment("phase_clock")
-    assert len(phase_clock.phase_names([(op,) for op in range(9)], [0])) == 2 + 2 + 2 * 8 + 1 + 1
+    assert len(phase_clock.phase_names([(op,) for op in range(9)], [0])) == 2 + 3 + 2 * 8 + 1 + 1 + 4
     with pytest.raises(ValueError, match="10 stages need slots up to 21"):
         phase_clock.phase_names([(op,) for op in range(10)], [0])
 
