@@ -14,7 +14,8 @@ call returns before the device's limit kills it:
   harness  the harness GPU tests (--suffix=-harness);
   report   perf_report.py into OUT/perf/perf-<h100|h200> (records beside it);
   phase    phase_clock.py on a copy of this tree with patches/probe-resident-phase-clock.patch applied (its own
-           build cache), on --cases (default 1x32:32768) and --dtypes, into OUT/phase.
+           build cache), on --cases (default 1x32:32768) and --dtypes, into OUT/phase; then the same on a copy
+           with each --phase-variants patch applied under the probe, into OUT/phase/<patch name>.
 OUT/steps.json says what ran, for how long, with which exit code, on which kernel hash. --tar packs OUT into one
 file, since a call brings back at most 8 files. --wheels installs the wheels the device lacks into /tmp/site first.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -113,6 +115,25 @@ def install_wheels(folder: Path, site: Path = SITE) -> bool:
     return installed
 
 
+def probed_copy(dest: Path, variant: "Path | None" = None) -> Path:
+    """This tree copied to dest with the phase-clock probe applied, on top of the variant patch if one is given.
+    Where a variant moved the lines the probe's hunks anchor on, the probe goes on with `patch`'s fuzz: it only adds
+    stamps, and phase_clock.py says so if none appear."""
+    if variant is None:
+        return patched_copy(PHASE_PROBE, dest)
+    tree = patched_copy(variant, dest)
+    if apply_patch(PHASE_PROBE, tree).returncode == 0:
+        return tree
+    if shutil.which("patch") is None:
+        raise SystemExit(f"the probe does not apply on top of {variant.name} as it is, and `patch` is missing")
+    fuzzed = subprocess.run(["patch", "-p1", "-s", "-F3", "--no-backup-if-mismatch", "-i", str(PHASE_PROBE)],
+                            cwd=tree, capture_output=True, text=True)
+    if fuzzed.returncode:
+        raise SystemExit(f"the probe does not apply on top of {variant.name}, even with fuzz: "
+                         f"{(fuzzed.stdout + fuzzed.stderr).strip()}")
+    return tree
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=float, required=True, help="seconds this call may run (the device's limit_s)")
@@ -127,6 +148,9 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp16"], help="kernel_ab.py --dtypes")
     parser.add_argument("--rounds", type=int, default=3, help="kernel_ab.py --rounds")
     parser.add_argument("--decide", default=None, help="kernel_ab.py --decide (required with --ab)")
+    parser.add_argument("--phase-variants", nargs="+", type=Path, default=[], metavar="PATCH",
+                        help="the phase step also clocks this tree with each patch applied under the probe "
+                             "(about 30 s each)")
     args = parser.parse_args()
     if args.ab and not args.decide:
         parser.exit(2, "device_call: --ab needs --decide KERNEL (e.g. _fa) to pick the tree that goes on\n")
@@ -193,16 +217,19 @@ def main() -> int:
             run("report", [sys.executable, "experiments/perf_report.py", "--extra-masks", "32768", "48996", "48934",
                            "48932", "--out", str(stem)], env=cache_env)
         elif step == "phase":
-            scratch = Path(tempfile.mkdtemp(prefix="phase-"))
-            try:
-                tree = patched_copy(PHASE_PROBE, scratch / "tree")
-            except SystemExit as error:  # e.g. a patch kept by the A/B touched the same lines
-                print(f"phase: skipped, {error}", flush=True)
-                log.append({"step": "phase", "skipped": True, "reason": str(error)})
-                continue
-            run("phase", [sys.executable, str(tree / "experiments" / "phase_clock.py"), "--cases",
-                          *(args.cases or ["1x32:32768"]), "--dtypes", *args.dtypes, "--out", str(args.out / "phase")],
-                env=tree_env(tree, scratch / "cache"))
+            for variant in [None, *args.phase_variants]:
+                name = "phase" if variant is None else f"phase-{variant.stem}"
+                scratch = Path(tempfile.mkdtemp(prefix="phase-"))
+                try:
+                    tree = probed_copy(scratch / "tree", variant)
+                except SystemExit as error:  # e.g. a patch kept by the A/B touched the same lines
+                    print(f"{name}: skipped, {error}", flush=True)
+                    log.append({"step": name, "skipped": True, "reason": str(error)})
+                    continue
+                out = args.out / "phase" / (variant.stem if variant else "")
+                run(name, [sys.executable, str(tree / "experiments" / "phase_clock.py"), "--cases",
+                           *(args.cases or ["1x32:32768"]), "--dtypes", *args.dtypes, "--out", str(out)],
+                    env=tree_env(tree, scratch / "cache"))
     (args.out / "steps.json").write_text(json.dumps(log, indent=1) + "\n")
     if args.tar:
         with tarfile.open(args.tar, "w:gz") as tar:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+import pytest
 
 from experiment_scripts import load_experiment
 
@@ -58,6 +61,25 @@ def test_the_phase_probe_applies_to_this_tree_and_its_step_is_sized_like_the_oth
     tree = kernel_ab.patched_copy(call.PHASE_PROBE, tmp_path / "tree")
     assert "fs::phase_clock(a.splitk_partials, 0);" in (tree / "templates" / "segment.cu.j2").read_text()
     assert (tree / "experiments" / "phase_clock.py").exists()
+
+
+def test_the_phase_probe_goes_on_top_of_a_variant_and_one_that_does_not_apply_is_named(tmp_path):
+    call = load_experiment("device_call")
+    variant = ROOT / "experiments" / "patches" / "resident-next-row-group-early.patch"
+    tree = call.probed_copy(tmp_path / "tree", variant)
+    resident = (tree / "kernels" / "fs_gemm_resident.cuh").read_text()
+    assert "load_rows(m0 + kResidentRowGroup, next_lo, next_hi)" in resident and "phase_clock(" in resident
+    # This one moves the start's lines the probe anchors on; the probe still goes on, with fuzz.
+    if shutil.which("patch") is None:
+        pytest.skip("needs patch(1)")
+    moved = call.probed_copy(tmp_path / "moved", ROOT / "experiments" / "patches" /
+                             "resident-later-copies-after-first-stage.patch")
+    template = (moved / "templates" / "segment.cu.j2").read_text()
+    assert "Resident::start_later(a, smem);" in template and "fs::phase_clock(a.splitk_partials, 0);" in template
+    assert "phase_clock(a.splitk_partials, 21);" in (moved / "kernels" / "fs_gemm_resident.cuh").read_text()
+    clash = ROOT / "experiments" / "patches" / "resident-layernorm-9-as-its-own-stage.patch"  # already on main
+    with pytest.raises(SystemExit, match="does not apply"):
+        call.probed_copy(tmp_path / "other", clash)
 
 
 def test_a_step_past_its_time_is_asked_to_stop_and_may_still_write_its_summary(tmp_path):
