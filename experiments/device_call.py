@@ -42,6 +42,7 @@ PHASE_PROBE = ROOT / "experiments" / "patches" / "probe-resident-phase-clock.pat
 # Seconds a step usually takes on a warm machine (experiments/NOTES.md, "Device time per step"); a step starts
 # only if this much is left. The A/B's figure is for a few cases; a larger one takes longer.
 ESTIMATES = {"ab": 120, "build": 240, "kernels": 160, "harness": 470, "report": 460, "phase": 60}
+PHASE_VARIANT_S = 30  # what each --phase-variants patch adds to the phase step (its probe unit's build and run)
 # Seconds a step that runs out of time gets, after a SIGTERM, to end on its own: gpu_suite.py then stops pytest after
 # the current test and still writes its summary, which a SIGKILL at the deadline lost even where every test had
 # passed and only pytest's exit was left.
@@ -150,7 +151,7 @@ def main() -> int:
     parser.add_argument("--decide", default=None, help="kernel_ab.py --decide (required with --ab)")
     parser.add_argument("--phase-variants", nargs="+", type=Path, default=[], metavar="PATCH",
                         help="the phase step also clocks this tree with each patch applied under the probe "
-                             "(about 30 s each)")
+                             f"(about {PHASE_VARIANT_S} s each)")
     args = parser.parse_args()
     if args.ab and not args.decide:
         parser.exit(2, "device_call: --ab needs --decide KERNEL (e.g. _fa) to pick the tree that goes on\n")
@@ -160,6 +161,7 @@ def main() -> int:
         install_wheels(args.wheels)
     args.out.mkdir(parents=True, exist_ok=True)
     steps = (["ab"] if args.ab else []) + [s for s in args.steps if s != "ab"]
+    estimates = dict(ESTIMATES, phase=ESTIMATES["phase"] + PHASE_VARIANT_S * len(args.phase_variants))
     log: list[dict] = []
 
     def run(name: str, command: list[str], env: dict | None = None) -> int:
@@ -173,8 +175,8 @@ def main() -> int:
 
     cache_env = dict(os.environ, FUSIONSEARCH_CACHE_DIR=args.cache)
     for step in steps:
-        if not plan([step], left()):
-            print(f"{step}: skipped, {left():.0f} s left and it usually takes {ESTIMATES[step]} s", flush=True)
+        if not plan([step], left(), estimates):
+            print(f"{step}: skipped, {left():.0f} s left and it usually takes {estimates[step]} s", flush=True)
             log.append({"step": step, "skipped": True, "left_s": round(left())})
             continue
         if step == "ab":
