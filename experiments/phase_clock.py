@@ -101,6 +101,36 @@ def phase_table(launches: list[np.ndarray], names: dict[int, str]) -> list[dict]
     return sorted(rows, key=lambda row: (row["median_us"], row["slot"]))
 
 
+def parts(rows: list[dict], graph_us: "float | None") -> list[dict]:
+    """The kernel's time cut into its start, its stages and the grid barriers between them, from a phase table:
+    a stage runs from its start (median block) to its end (median and latest block); a barrier from the latest block
+    ending the stage before to the median block starting the next; what follows the latest block's last end, up to
+    the graph replay's time, no stamp sees."""
+    at = {row["slot"]: row for row in rows}
+    if 0 not in at or 1 not in at:
+        return []
+    out = [{"part": "start (kernel start → weight copies issued)", "from_us": at[0]["median_us"],
+            "median_us": at[1]["median_us"], "latest_us": at[1]["latest_us"]}]
+    begin, last_end = at[1]["median_us"], at[1]["latest_us"]
+    stage = 1
+    while 2 * stage + 1 in at:
+        end = at[2 * stage + 1]
+        label = end["phase"].removesuffix(" ends")
+        if stage > 1 and 2 * stage in at:
+            begin = at[2 * stage]["median_us"]
+            out.append({"part": f"grid barrier before {label}", "from_us": last_end, "median_us": begin,
+                        "latest_us": begin})
+        out.append({"part": label, "from_us": begin, "median_us": end["median_us"], "latest_us": end["latest_us"]})
+        last_end = end["latest_us"]
+        stage += 1
+    if graph_us is not None:
+        out.append({"part": "outside the stamps (launch, the kernel's end, the graph)", "from_us": last_end,
+                    "median_us": round(graph_us, 2), "latest_us": round(graph_us, 2)})
+    for part in out:
+        part["us"] = (round(part["median_us"] - part["from_us"], 2), round(part["latest_us"] - part["from_us"], 2))
+    return out
+
+
 def markdown(title: str, rows: list[dict], graph_us: "float | None") -> str:
     lines = [f"# {title}", ""]
     if graph_us is not None:
@@ -108,6 +138,11 @@ def markdown(title: str, rows: list[dict], graph_us: "float | None") -> str:
     lines += ["| phase | blocks | earliest µs | median µs | latest µs |", "|---|---|---|---|---|"]
     lines += [f"| {r['phase']} | {r['blocks']} | {r['earliest_us']:.2f} | {r['median_us']:.2f} | {r['latest_us']:.2f} |"
               for r in rows]
+    cut = parts(rows, graph_us)
+    if cut:
+        lines += ["", "Parts (a stage to its median and its latest block's end; a barrier from the latest block's end "
+                  "before it):", "", "| part | from µs | µs (median block) | µs (latest block) |", "|---|---|---|---|"]
+        lines += [f"| {c['part']} | {c['from_us']:.2f} | {c['us'][0]:.2f} | {c['us'][1]:.2f} |" for c in cut]
     return "\n".join(lines) + "\n"
 
 

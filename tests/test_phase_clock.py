@@ -72,3 +72,25 @@ def test_a_case_without_a_mask_is_refused(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         load_experiment("phase_clock").main()
     assert exit_info.value.code == 2
+
+
+def test_parts_cut_the_kernel_into_its_start_stages_barriers_and_what_no_stamp_sees():
+    phase_clock = load_experiment("phase_clock")
+
+    def row(slot, phase, median, latest):
+        return {"slot": slot, "phase": phase, "blocks": 2, "earliest_us": median, "median_us": median,
+                "latest_us": latest}
+
+    rows = [row(0, "kernel start", 0.0, 0.2), row(1, "weight copies issued", 2.0, 3.0),
+            row(3, "stage 1 (0–1) ends", 5.0, 6.0), row(4, "stage 2 (2–6) starts (grid barrier passed)", 7.0, 7.5),
+            row(5, "stage 2 (2–6) ends", 8.0, 9.5), row(24, "GEMM 0 weight slice landed", 2.5, 3.5)]
+    cut = {c["part"]: c for c in phase_clock.parts(rows, 12.0)}
+    assert list(cut) == ["start (kernel start → weight copies issued)", "stage 1 (0–1)",
+                         "grid barrier before stage 2 (2–6)", "stage 2 (2–6)",
+                         "outside the stamps (launch, the kernel's end, the graph)"]
+    assert cut["stage 1 (0–1)"]["us"] == (3.0, 4.0)  # from the copies issued (median) to its median / latest end
+    assert cut["grid barrier before stage 2 (2–6)"]["us"] == (1.0, 1.0)  # the latest end 6.0 → the median start 7.0
+    assert cut["stage 2 (2–6)"]["us"] == (1.0, 2.5)
+    assert cut["outside the stamps (launch, the kernel's end, the graph)"]["us"] == (2.5, 2.5)
+    assert phase_clock.parts(rows[2:], 12.0) == []  # no start stamps, no parts
+    assert "| grid barrier before stage 2 (2–6) | 6.00 | 1.00 | 1.00 |" in phase_clock.markdown("t", rows, 12.0)
