@@ -7,17 +7,20 @@
 The patch makes thread 0 of every block of a resident-weight kernel stamp %globaltimer and clock64 when the kernel
 starts, inside its start (once its slices are read, once past the block barrier, once the first GEMM's copy is
 issued), when its weight copies are issued, before and after every stage, when each GEMM's weight slice has landed,
-and inside each resident GEMM's first row group (kernels/fs_common.cuh `phase_clock`, slots below). This script checks each plan against fp32, captures it in a CUDA graph, replays it --launches times
-with the stamps cleared before each, and prints per phase the µs since the first block started: the earliest, median
-and latest block, each the median over the launches. Per-block intervals come from clock64 at the block's own rate
-(its cycles over its globaltimer span), since the globaltimer may tick coarser than the phases are long; the offset
-of each block's start comes from the globaltimer. Writes DIR/phase-<shape>-<dtype>.md and .json when --out is given.
+and inside each resident GEMM's first row group (kernels/fs_common.cuh `phase_clock`, slots below). This script
+checks each plan against fp32, captures it in a CUDA graph, replays it --launches times with the stamps cleared
+before each, and prints per phase the µs since the first block started: the earliest, median and latest block, each
+the median over the launches; then the same cut into the start, the stages (with their GEMMs' steps), the grid
+barriers and what no stamp sees (`parts`). Per-block intervals come from clock64 at the block's own rate (its
+cycles over its globaltimer span), since the globaltimer may tick coarser than the phases are long; the offset of
+each block's start comes from the globaltimer. Writes DIR/phase-<shape>-<dtype>.md and .json when --out is given.
 Without the patch no stamps appear and it says so.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -121,6 +124,8 @@ def parts(rows: list[dict], graph_us: "float | None") -> list[dict]:
             out.append({"part": f"grid barrier before {label}", "from_us": last_end, "median_us": begin,
                         "latest_us": begin})
         out.append({"part": label, "from_us": begin, "median_us": end["median_us"], "latest_us": end["latest_us"]})
+        out += [{"part": f"· {row['phase']}", "from_us": begin, "median_us": row["median_us"],
+                 "latest_us": row["latest_us"]} for row in _inside(rows, label)]
         last_end = end["latest_us"]
         stage += 1
     if graph_us is not None:
@@ -129,6 +134,16 @@ def parts(rows: list[dict], graph_us: "float | None") -> list[dict]:
     for part in out:
         part["us"] = (round(part["median_us"] - part["from_us"], 2), round(part["latest_us"] - part["from_us"], 2))
     return out
+
+
+def _inside(rows: list[dict], stage_label: str) -> list[dict]:
+    """The stamps of the GEMMs inside a stage ("stage i (first–last)"): their weights landing and their steps."""
+    found = re.search(r"\((\d+)(?:–(\d+))?\)", stage_label)
+    first = int(found.group(1))
+    ops = range(first, int(found.group(2) or first) + 1)
+    inside = [row for row in rows if row["slot"] >= WEIGHT_SLOT and
+              (m := re.match(r"GEMM (\d+)[ :]", row["phase"])) and int(m.group(1)) in ops]
+    return sorted(inside, key=lambda row: (row["median_us"], row["slot"]))
 
 
 def markdown(title: str, rows: list[dict], graph_us: "float | None") -> str:
@@ -141,7 +156,8 @@ def markdown(title: str, rows: list[dict], graph_us: "float | None") -> str:
     cut = parts(rows, graph_us)
     if cut:
         lines += ["", "Parts (a stage to its median and its latest block's end; a barrier from the latest block's end "
-                  "before it):", "", "| part | from µs | µs (median block) | µs (latest block) |", "|---|---|---|---|"]
+                  "before it):", "", "| part | from µs | µs (median block) | µs (latest block) |",
+                  "|---|---|---|---|"]
         lines += [f"| {c['part']} | {c['from_us']:.2f} | {c['us'][0]:.2f} | {c['us'][1]:.2f} |" for c in cut]
     return "\n".join(lines) + "\n"
 

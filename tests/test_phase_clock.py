@@ -86,11 +86,17 @@ def test_parts_cut_the_kernel_into_its_start_stages_barriers_and_what_no_stamp_s
             row(5, "stage 2 (2–6) ends", 8.0, 9.5), row(24, "GEMM 0 weight slice landed", 2.5, 3.5)]
     cut = {c["part"]: c for c in phase_clock.parts(rows, 12.0)}
     assert list(cut) == ["start (kernel start → weight copies issued)", "stage 1 (0–1)",
-                         "grid barrier before stage 2 (2–6)", "stage 2 (2–6)",
+                         "· GEMM 0 weight slice landed", "grid barrier before stage 2 (2–6)", "stage 2 (2–6)",
                          "outside the stamps (launch, the kernel's end, the graph)"]
     assert cut["stage 1 (0–1)"]["us"] == (3.0, 4.0)  # from the copies issued (median) to its median / latest end
     assert cut["grid barrier before stage 2 (2–6)"]["us"] == (1.0, 1.0)  # the latest end 6.0 → the median start 7.0
     assert cut["stage 2 (2–6)"]["us"] == (1.0, 2.5)
     assert cut["outside the stamps (launch, the kernel's end, the graph)"]["us"] == (2.5, 2.5)
     assert phase_clock.parts(rows[2:], 12.0) == []  # no start stamps, no parts
+    # The stamps of a stage's GEMMs follow it, timed from the stage's start.
+    rows.append(row(32, "GEMM 0: thread 0's A in and its sums written", 4.0, 4.5))
+    order = [c["part"] for c in phase_clock.parts(rows, 12.0)]
+    assert order[1:4] == ["stage 1 (0–1)", "· GEMM 0 weight slice landed",
+                          "· GEMM 0: thread 0's A in and its sums written"]
+    assert phase_clock.parts(rows, 12.0)[3]["us"] == (2.0, 2.5)
     assert "| grid barrier before stage 2 (2–6) | 6.00 | 1.00 | 1.00 |" in phase_clock.markdown("t", rows, 12.0)
