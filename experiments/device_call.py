@@ -135,7 +135,7 @@ def probed_copy(dest: Path, variant: "Path | None" = None) -> Path:
     return tree
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=float, required=True, help="seconds this call may run (the device's limit_s)")
     parser.add_argument("--out", type=Path, required=True)
@@ -152,9 +152,17 @@ def main() -> int:
     parser.add_argument("--phase-variants", nargs="+", type=Path, default=[], metavar="PATCH",
                         help="the phase step also clocks this tree with each patch applied under the probe "
                              f"(about {PHASE_VARIANT_S} s each)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # The steps apply patches inside scratch trees, so a path relative to this tree must not reach them as such.
+    args.ab = [patch.resolve() for patch in args.ab] if args.ab else args.ab
+    args.phase_variants = [patch.resolve() for patch in args.phase_variants]
     if args.ab and not args.decide:
         parser.exit(2, "device_call: --ab needs --decide KERNEL (e.g. _fa) to pick the tree that goes on\n")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     start = time.monotonic()
     left = lambda: args.limit - (time.monotonic() - start)  # noqa: E731
     if args.wheels:

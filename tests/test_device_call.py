@@ -54,6 +54,17 @@ def test_an_ab_without_a_kernel_to_decide_on_is_refused(tmp_path):
     assert result.returncode == 2 and "--ab needs --decide" in result.stderr
 
 
+def test_patches_named_relative_to_the_tree_reach_the_steps_as_absolute_paths(monkeypatch):
+    # The steps apply them inside scratch trees, where a relative name no longer points at the file.
+    call = load_experiment("device_call")
+    monkeypatch.chdir(ROOT)
+    patch = "experiments/patches/resident-next-row-group-early.patch"
+    args = call.parse_args(["--limit", "30", "--out", "out", "--ab", patch, "--decide", "plan",
+                            "--phase-variants", patch])
+    assert args.ab == [ROOT / patch] and args.phase_variants == [ROOT / patch]
+    assert all(p.is_absolute() and p.exists() for p in args.ab + args.phase_variants)
+
+
 def test_the_phase_probe_applies_to_this_tree_and_its_step_is_sized_like_the_others(tmp_path):
     call = load_experiment("device_call")
     assert "phase" in call.STEPS and "phase" in call.ESTIMATES
