@@ -65,15 +65,39 @@ def medians(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) 
     return [(r["plan"] if name == "plan" else r["segments"][name])["median"] for r in rows]
 
 
+DISTURBED_SPREAD = 1.10  # a sample whose p80 exceeds its p20 by more than this is not read as a result
+
+
+def disturbed_rounds(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> list[int]:
+    """Rounds in which the base's or the variant's sample of kernel `name` spreads more than DISTURBED_SPREAD
+    (p80 over p20): something else held the GPU during it, as a 1x32 plan once read 58.8–93.4 µs between two
+    rounds of 23.9."""
+    def spread(sample: dict) -> float:  # 1 for a sample without percentiles
+        p20, p80 = sample.get("p20", 1.0), sample.get("p80", 1.0)
+        return p80 / p20 if p20 > 0 else float("inf")
+
+    def sample(t: str, r: int) -> dict:
+        row = runs[t][r][case]
+        return row["plan"] if name == "plan" else row["segments"][name]
+    return [r for r in range(len(runs["base"]))
+            if max(spread(sample("base", r)), spread(sample(tree, r))) > DISTURBED_SPREAD]
+
+
 def change(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> float:
-    """A variant's change of the mean over the rounds against the base's, in percent."""
+    """A variant's change of the mean over the rounds against the base's, in percent; disturbed rounds (both
+    trees' samples of that round) are left out unless every round is."""
     base, other = medians(runs, "base", case, name), medians(runs, tree, case, name)
+    left_out = set(disturbed_rounds(runs, tree, case, name))
+    if len(left_out) < len(base):
+        base = [v for r, v in enumerate(base) if r not in left_out]
+        other = [v for r, v in enumerate(other) if r not in left_out]
     return 100 * (sum(other) / len(other) / (sum(base) / len(base)) - 1)
 
 
 def table(runs: dict[str, list[list[dict]]]) -> list[str]:
     """Markdown rows: per case and kernel, each tree's medians by round, and each variant's change of the mean
-    against the base. `runs` maps tree names (base first) to rounds of plan_ab.py rows."""
+    against the base, without disturbed rounds. `runs` maps tree names (base first) to rounds of plan_ab.py
+    rows."""
     variants = [tree for tree in runs if tree != "base"]
     lines = ["| dtype | B×S (plan) | kernel | base µs by round | "
              + " | ".join(f"{tree} µs by round | change" for tree in variants) + " |",
@@ -82,8 +106,10 @@ def table(runs: dict[str, list[list[dict]]]) -> list[str]:
         for name in ["plan", *first["segments"]]:
             cells = [" / ".join(f"{v:.1f}" for v in medians(runs, "base", i, name))]
             for tree in variants:
+                left_out = disturbed_rounds(runs, tree, i, name)
+                note = f" (round {', '.join(str(r + 1) for r in left_out)} disturbed, left out)" if left_out else ""
                 cells += [" / ".join(f"{v:.1f}" for v in medians(runs, tree, i, name)),
-                          f"{change(runs, tree, i, name):+.1f} %"]
+                          f"{change(runs, tree, i, name):+.1f} %{note}"]
             lines.append(f"| {first['dtype']} | {first['shape']} ({first['mask']}) | {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -54,6 +54,26 @@ def test_table_gives_each_trees_medians_by_round_and_each_variants_change_of_the
                         "205.0 / 205.0 | +0.0 % |")
 
 
+def test_a_disturbed_round_is_left_out_of_the_change_and_named_in_the_table():
+    ab = load_experiment("kernel_ab")
+
+    def row(median: float, p20: float, p80: float) -> dict:
+        sample = {"median": median, "p20": p20, "p80": p80}
+        return {"dtype": "fp16", "shape": "1x32", "mask": 32768, "plan": sample, "segments": {"seg_00_14_fa": sample}}
+
+    # Round 2 of the variant read 58.8–93.4 µs while its rounds 1 and 3 read 23.9 (an H100, 2026-12-07).
+    runs = {"base": [[row(26.8, 26.7, 26.8)], [row(26.7, 26.7, 26.8)], [row(26.8, 26.7, 26.9)]],
+            "all": [[row(23.8, 23.8, 23.9)], [row(70.8, 58.8, 93.4)], [row(23.9, 23.9, 24.0)]]}
+    assert ab.disturbed_rounds(runs, "all", 0, "plan") == [1]
+    assert round(ab.change(runs, "all", 0, "plan"), 1) == -11.0
+    assert "(round 2 disturbed, left out)" in ab.table(runs)[2]
+    verdict = ab.verdicts(runs, "plan")["all"]
+    assert verdict["keep"] and round(verdict["kernel_change_pct"], 1) == -11.0
+    # Where every round is disturbed, all of them count.
+    noisy = {"base": [[row(26.8, 20.0, 30.0)]], "all": [[row(23.8, 20.0, 30.0)]]}
+    assert round(ab.change(noisy, "all", 0, "plan"), 1) == -11.2
+
+
 def test_a_case_must_be_shape_and_mask():
     plan_ab = load_experiment("plan_ab")
     assert plan_ab.parse_case("16x128:48996") == ("16x128", 48996)

@@ -34,6 +34,9 @@ __device__ __forceinline__ unsigned long long now() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -123,12 +126,20 @@ template <int FORM> __global__ void barrier_kernel(unsigned* state, int count, u
 // a grid barrier, then `readers` blocks read A as a resident GEMM's warps do: each lane 16 bytes per row and 32-deep
 // chunk of its warp's chunks, into registers. QUARTER: a block reads only K quarter blockIdx % 4. CLUSTER > 1: the
 // blocks of a cluster each read 1/CLUSTER of K into shared memory, meet at a cluster barrier, and take the rest of
-// their fragments from the other blocks' shared memory.
-template <int CLUSTER, bool QUARTER>
+// their fragments from the other blocks' shared memory. COPIES > 0: thread 0 copies A into shared memory with
+// COPIES bulk copies (the copy engine, as the weight slices come in), and the lanes take their fragments from there.
+template <int CLUSTER, bool QUARTER, int COPIES = 0>
 __global__ void aread_kernel(uint4* A, int readers, unsigned* state, unsigned long long* stamps, unsigned* sink) {
   constexpr int kVecs = kRows * kK / 8;  // uint4s of A
   __shared__ uint4 share[kVecs / (CLUSTER > 1 ? CLUSTER : kVecs)];
+  __shared__ uint64_t landed;
+  extern __shared__ uint4 staged[];  // COPIES > 0: A, row-major
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
+  if (COPIES > 0 && threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&landed)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
   unsigned acc = 0;
   for (int round = 0; round < kARounds; ++round) {
     for (int v = blockIdx.x * kThreads + threadIdx.x; v < kVecs; v += gridDim.x * kThreads)
@@ -137,7 +148,29 @@ __global__ void aread_kernel(uint4* A, int readers, unsigned* state, unsigned lo
     const unsigned long long t0 = now();
     if (static_cast<int>(blockIdx.x) < readers) {
       uint4 a[kChunksPerWarp][2][2];
-      if constexpr (CLUSTER > 1) {
+      if constexpr (COPIES > 0) {
+        constexpr int kBytes = kRows * kK * 2, kPiece = kBytes / COPIES;
+        if (threadIdx.x == 0) {
+          // A was written through the generic proxy; the copy engine reads through the async one.
+          asm volatile("fence.proxy.async.global;\n" ::: "memory");
+          asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&landed)),
+                       "r"(kBytes) : "memory");
+          for (int c = 0; c < COPIES; ++c)
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                         ::"r"(smem_addr(staged + c * kPiece / 16)), "l"(A + c * kPiece / 16), "r"(kPiece),
+                         "r"(smem_addr(&landed)) : "memory");
+        }
+        uint32_t done = 0;
+        while (!done)
+          asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                       " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(smem_addr(&landed)), "r"(round & 1) : "memory");
+#pragma unroll
+        for (int i = 0; i < kChunksPerWarp; ++i)
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) a[i][mi][h] = staged[((mi * 16 + h * 8 + gq) * kK + (warp + i * 8) * 32 + t * 8) / 8];
+      } else if constexpr (CLUSTER > 1) {
         cg::cluster_group cluster = cg::this_cluster();
         const int rank = static_cast<int>(cluster.block_rank());
         constexpr int kShareK = kK / CLUSTER, kShareVecs = kRows * kShareK / 8;
@@ -209,13 +242,17 @@ template <int FORM> void run_barrier(int sms, unsigned* state, unsigned long lon
               form_name(FORM), sms, median_of(per_barrier), per_barrier.front(), per_barrier.back());
 }
 
-template <int CLUSTER, bool QUARTER>
+template <int CLUSTER, bool QUARTER, int COPIES = 0>
 void run_aread(const char* name, int sms, int readers, uint4* A, unsigned* state, unsigned long long* stamps,
                unsigned* sink) {
   CHECK(cudaMemset(state, 0, 4096));
+  const int staged = COPIES > 0 ? kRows * kK * 2 : 0;
+  CHECK(cudaFuncSetAttribute(aread_kernel<CLUSTER, QUARTER, COPIES>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             staged));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(sms);
   config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = staged;
   cudaLaunchAttribute attrs[2];
   int n = 0;
   attrs[n].id = cudaLaunchAttributeCooperative;
@@ -229,7 +266,7 @@ void run_aread(const char* name, int sms, int readers, uint4* A, unsigned* state
     cudaLaunchConfig_t query = config;
     query.attrs = attrs + 1;
     query.numAttrs = 1;
-    cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, aread_kernel<CLUSTER, QUARTER>, &query);
+    cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, aread_kernel<CLUSTER, QUARTER, COPIES>, &query);
     std::printf("{\"probe\": \"cluster_occupancy\", \"cluster\": %d, \"max_active_clusters\": %d, \"needed\": %d, "
                 "\"error\": \"%s\"}\n",
                 CLUSTER, clusters, sms / CLUSTER, cudaGetErrorString(err));
@@ -242,7 +279,7 @@ void run_aread(const char* name, int sms, int readers, uint4* A, unsigned* state
   for (; cooperative >= 0 && err != cudaSuccess; --cooperative) {
     config.attrs = cooperative ? attrs : attrs + 1;
     config.numAttrs = cooperative ? n : n - 1;
-    err = cudaLaunchKernelEx(&config, aread_kernel<CLUSTER, QUARTER>, A, readers, state, stamps, sink);
+    err = cudaLaunchKernelEx(&config, aread_kernel<CLUSTER, QUARTER, COPIES>, A, readers, state, stamps, sink);
     if (err == cudaSuccess) err = cudaDeviceSynchronize();
     if (err != cudaSuccess) {
       std::printf("{\"probe\": \"aread\", \"form\": \"%s\", \"cooperative\": %d, \"error\": \"%s\"}\n", name,
@@ -295,5 +332,9 @@ int main() {
   for (int readers : {grid, 96}) run_aread<1, true>("quarter_k_from_l2", grid, readers, A, state, stamps, sink);
   run_aread<2, false>("cluster2_dsmem", grid, grid, A, state, stamps, sink);
   run_aread<4, false>("cluster4_dsmem", grid, grid, A, state, stamps, sink);
+  for (int readers : {grid, 96}) {
+    run_aread<1, false, 1>("one_bulk_copy_to_smem", grid, readers, A, state, stamps, sink);
+    run_aread<1, false, 4>("four_bulk_copies_to_smem", grid, readers, A, state, stamps, sink);
+  }
   return 0;
 }
