@@ -1,5 +1,7 @@
-// Probes of the two costs that the phase clock finds dominating the one-kernel layer at few rows on sm_90:
+// Probes of the costs that the phase clock finds dominating the one-kernel layer at few rows on sm_90:
 //   barrier  what one grid barrier costs on a full grid (one block per SM), for several ways of building it;
+//   launch   what a kernel of one block per SM costs in a CUDA graph, launched cooperatively or not, with no grid
+//            barrier or six (the phase clock has 2 µs of the layer's graph replay outside the kernel's stamps);
 //   aread    how long every block of the grid takes to read the same 32 freshly written rows of A from L2 (what a
 //            resident GEMM stage does first), against each block reading a quarter of K, and against blocks of a
 //            cluster each reading a share and the rest from their neighbours' shared memory.
@@ -217,6 +219,13 @@ __global__ void aread_kernel(uint4* A, int readers, unsigned* state, unsigned lo
   if (acc == 0x12345678u) sink[blockIdx.x] = acc;
 }
 
+// One block per SM (its dynamic shared memory keeps a second one off), `barriers` grid barriers, nothing else.
+__global__ void short_kernel(unsigned* state, int barriers) {
+  extern __shared__ char held[];
+  for (int i = 0; i < barriers; ++i) barrier<kFlipRelease>(state, 0);
+  if (barriers < 0) held[threadIdx.x] = 0;  // never: keeps the shared memory in use
+}
+
 static double median_of(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
@@ -304,6 +313,54 @@ void run_aread(const char* name, int sms, int readers, uint4* A, unsigned* state
               median_of(slowest));
 }
 
+// A CUDA graph of `kernels` launches of short_kernel, replayed back to back; µs per kernel.
+void run_launch(int sms, unsigned* state, bool cooperative, int barriers, int kernels) {
+  constexpr int kSmem = 150 * 1024;
+  CHECK(cudaFuncSetAttribute(short_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  CHECK(cudaMemset(state, 0, 4096));
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(sms);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmem;
+  config.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  config.attrs = &attr;
+  config.numAttrs = cooperative ? 1 : 0;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int k = 0; k < kernels; ++k) CHECK(cudaLaunchKernelEx(&config, short_kernel, state, barriers));
+  CHECK(cudaStreamEndCapture(stream, &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  constexpr int kReplays = 50;
+  std::vector<double> per_kernel;
+  for (int sample = 0; sample < 22; ++sample) {
+    CHECK(cudaEventRecord(start, stream));
+    for (int r = 0; r < kReplays; ++r) CHECK(cudaGraphLaunch(exec, stream));
+    CHECK(cudaEventRecord(stop, stream));
+    CHECK(cudaEventSynchronize(stop));
+    float ms = 0.f;
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (sample >= 2) per_kernel.push_back(1000.0 * ms / (kReplays * kernels));
+  }
+  std::sort(per_kernel.begin(), per_kernel.end());
+  std::printf("{\"probe\": \"launch\", \"cooperative\": %d, \"barriers\": %d, \"kernels_per_graph\": %d, "
+              "\"us_per_kernel_median\": %.3f, \"us_min\": %.3f, \"us_max\": %.3f}\n",
+              cooperative ? 1 : 0, barriers, kernels, median_of(per_kernel), per_kernel.front(), per_kernel.back());
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  CHECK(cudaEventDestroy(start));
+  CHECK(cudaEventDestroy(stop));
+  CHECK(cudaStreamDestroy(stream));
+}
+
 int main() {
   int device = 0, sms = 0;
   CHECK(cudaGetDevice(&device));
@@ -326,6 +383,10 @@ int main() {
   run_barrier<kFlipFence>(sms, state, elapsed);
   run_barrier<kRedPoll>(sms, state, elapsed);
   run_barrier<kTwoLevel>(sms, state, elapsed);
+
+  for (bool cooperative : {false, true})
+    for (int barriers : {0, 6})
+      for (int kernels : {1, 20}) run_launch(sms, state, cooperative, barriers, kernels);
 
   const int grid = sms - sms % 4;  // the cluster forms need a grid their size divides
   for (int readers : {grid, 96, 33, 24}) run_aread<1, false>("whole_k_from_l2", grid, readers, A, state, stamps, sink);
