@@ -70,8 +70,8 @@ DISTURBED_SPREAD = 1.10  # a sample whose p80 exceeds its p20 by more than this 
 
 def disturbed_rounds(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> list[int]:
     """Rounds in which the base's or the variant's sample of kernel `name` spreads more than DISTURBED_SPREAD
-    (p80 over p20): something else held the GPU during it, as a 1x32 plan once read 58.8–93.4 µs between two
-    rounds of 23.9."""
+    (p80 over p20), as a 1x32 plan once read 58.8–93.4 µs between two rounds of 23.9 while the same kernel timed
+    alone right after it read 24.1: such a sample says more about the machine at that moment than the tree."""
     def spread(sample: dict) -> float:  # 1 for a sample without percentiles
         p20, p80 = sample.get("p20", 1.0), sample.get("p80", 1.0)
         return p80 / p20 if p20 > 0 else float("inf")
@@ -107,7 +107,8 @@ def table(runs: dict[str, list[list[dict]]]) -> list[str]:
             cells = [" / ".join(f"{v:.1f}" for v in medians(runs, "base", i, name))]
             for tree in variants:
                 left_out = disturbed_rounds(runs, tree, i, name)
-                note = f" (round {', '.join(str(r + 1) for r in left_out)} disturbed, left out)" if left_out else ""
+                note = ("" if not left_out else " (every round disturbed)" if len(left_out) == len(runs["base"])
+                        else f" (round {', '.join(str(r + 1) for r in left_out)} disturbed, left out)")
                 cells += [" / ".join(f"{v:.1f}" for v in medians(runs, tree, i, name)),
                           f"{change(runs, tree, i, name):+.1f} %{note}"]
             lines.append(f"| {first['dtype']} | {first['shape']} ({first['mask']}) | {name} | " + " | ".join(cells) + " |")

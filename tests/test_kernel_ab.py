@@ -71,7 +71,7 @@ def test_a_disturbed_round_is_left_out_of_the_change_and_named_in_the_table():
     assert verdict["keep"] and round(verdict["kernel_change_pct"], 1) == -11.0
     # Where every round is disturbed, all of them count.
     noisy = {"base": [[row(26.8, 20.0, 30.0)]], "all": [[row(23.8, 20.0, 30.0)]]}
-    assert round(ab.change(noisy, "all", 0, "plan"), 1) == -11.2
+    assert round(ab.change(noisy, "all", 0, "plan"), 1) == -11.2 and "(every round disturbed)" in ab.table(noisy)[2]
 
 
 def test_a_case_must_be_shape_and_mask():
