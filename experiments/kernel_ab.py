@@ -59,10 +59,16 @@ def tree_env(tree: Path, cache: Path) -> dict:
                 PYTHONUNBUFFERED="1")
 
 
-def medians(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> list[float]:
-    """One tree's medians by round of kernel `name` ("plan" for the whole plan) in case number `case`."""
+def samples(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> list[dict]:
+    """One tree's samples by round (median and percentiles, µs) of kernel `name` ("plan" for the whole plan) in
+    case number `case`."""
     rows = [rounds[case] for rounds in runs[tree]]
-    return [(r["plan"] if name == "plan" else r["segments"][name])["median"] for r in rows]
+    return [r["plan"] if name == "plan" else r["segments"][name] for r in rows]
+
+
+def medians(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> list[float]:
+    """One tree's medians by round of kernel `name` in case number `case`."""
+    return [sample["median"] for sample in samples(runs, tree, case, name)]
 
 
 DISTURBED_SPREAD = 1.10  # a sample whose p80 exceeds its p20 by more than this is not read as a result
@@ -76,11 +82,8 @@ def disturbed_rounds(runs: dict[str, list[list[dict]]], tree: str, case: int, na
         p20, p80 = sample.get("p20", 1.0), sample.get("p80", 1.0)
         return p80 / p20 if p20 > 0 else float("inf")
 
-    def sample(t: str, r: int) -> dict:
-        row = runs[t][r][case]
-        return row["plan"] if name == "plan" else row["segments"][name]
-    return [r for r in range(len(runs["base"]))
-            if max(spread(sample("base", r)), spread(sample(tree, r))) > DISTURBED_SPREAD]
+    pairs = zip(samples(runs, "base", case, name), samples(runs, tree, case, name))
+    return [r for r, (base, other) in enumerate(pairs) if max(spread(base), spread(other)) > DISTURBED_SPREAD]
 
 
 def change(runs: dict[str, list[list[dict]]], tree: str, case: int, name: str) -> float:
