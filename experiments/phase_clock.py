@@ -32,7 +32,8 @@ from plan_ab import PreparedPlan, parse_case  # noqa: E402
 SLOTS = 64  # kPhaseClockSlots
 PHASE_FLOATS = 256 * SLOTS * 4  # 256 blocks × SLOTS slots × two u64, at the end of the split-K partials
 WEIGHT_SLOT = 24  # phase of GEMM slot s's weights landing: 24 + s
-# Phases inside Resident::start (fs_gemm_resident.cuh in the probe); stage i takes slots 2i and 2i + 1, below them.
+# Phases inside Resident::start (fs_gemm_resident.cuh in the probe); stage i takes slots 2i and 2i + 1, below them. The
+# start issues the first GEMM's copies; the later GEMMs' go out inside the first GEMM, under its loads of A.
 START_SLOTS = {20: "slices read, weight barriers armed", 21: "start's block barrier passed",
                22: "first GEMM's weight copy issued (thread 0)"}
 # Phases inside resident GEMM slot s, its first group of 32 rows: slot GEMM_SLOT + 4s + k for k in this order.
@@ -46,7 +47,7 @@ def phase_names(stage_ops: list[tuple[int, ...]], gemm_ops: list[int]) -> dict[i
     if 2 * len(stage_ops) + 1 >= min(START_SLOTS):
         raise ValueError(f"{len(stage_ops)} stages need slots up to {2 * len(stage_ops) + 1}, past the probe's "
                          f"{min(START_SLOTS)}: move START_SLOTS and the probe's stamps up")
-    names = {0: "kernel start", 1: "weight copies issued", **START_SLOTS}
+    names = {0: "kernel start", 1: "the start's weight copies issued", **START_SLOTS}
     for i, ops in enumerate(stage_ops, start=1):
         label = f"stage {i} ({ops[0]}–{ops[-1]})" if len(ops) > 1 else f"stage {i} ({ops[0]})"
         if i > 1:
@@ -112,7 +113,7 @@ def parts(rows: list[dict], graph_us: "float | None") -> list[dict]:
     at = {row["slot"]: row for row in rows}
     if 0 not in at or 1 not in at:
         return []
-    out = [{"part": "start (kernel start → weight copies issued)", "from_us": at[0]["median_us"],
+    out = [{"part": "start (kernel start → its weight copies issued)", "from_us": at[0]["median_us"],
             "median_us": at[1]["median_us"], "latest_us": at[1]["latest_us"]}]
     begin, last_end = at[1]["median_us"], at[1]["latest_us"]
     stage = 1

@@ -13,7 +13,7 @@ OUTPUT_TENSORS = ("qkv", "qkv_heads", "scores", "scores_masked", "probs", "ctx_h
 WORKSPACE_TENSORS = ("splitk_partials", "splitk_counters")
 LAYER_TENSORS = INPUT_TENSORS + OUTPUT_TENSORS + WORKSPACE_TENSORS
 SPLITK_PARTIAL_FLOATS = 512 * 64 * 128  # kSplitKMaxWork × the 64×128 tile
-SPLITK_COUNTERS = 512
+SPLITK_COUNTERS = 512 + 32  # one per split-K tile, then the grid barrier's (kGridBarrierWord in kernels/fs_args.h)
 
 
 def splitk_workspace(device) -> dict:

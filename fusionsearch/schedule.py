@@ -23,7 +23,7 @@ _QKV_SPLIT = 1
 _EPILOGUE_OF = {0: 1, 2: 3, 5: 6, 7: 8, 10: 11, 12: 13}
 # Row reduction → the elementwise operator before it that it applies on load.
 _ABSORBED_BY = {4: 3, 9: 8, 14: 13}
-_MERGE_HEADS, _OUT_GEMM = 6, 7
+_MERGE_HEADS, _OUT_GEMM, _FFN2_GEMM = 6, 7, 12
 # GEMMs whose GEMM + epilogue segment Hopper runs through CUTLASS at many rows (kernels/fs_gemm_sm90.cuh).
 _HOPPER_SEGMENT_GEMMS = (7, 10, 12)
 # GEMMs that multiply by a weight matrix (the others multiply activations).
@@ -46,6 +46,8 @@ class Stage:
     warp_groups: int = 1  # attention: independent warp groups per block, each with its own item
     resident_weights: bool = False  # layer gemm: against the block's weight slice, loaded when the kernel starts
     norm_on_load: bool = False  # resident ffn1 gemm: LayerNorm 9 applied to A's rows as they are loaded
+    splits_to_next: bool = False  # resident ffn2 gemm: its K splits' sums left for the LayerNorm stage after it
+    sums_splits: bool = False  # rowwise LayerNorm 14: adds ffn2's K splits instead of reading its output
 
     @property
     def writes(self) -> str:
@@ -144,7 +146,15 @@ def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     # LayerNorm 9 keeps its own stage: every FFN1 block normalising all rows as it loads them cost more than the
     # grid barrier it saved (experiments/NOTES.md); Stage.norm_on_load and the kernel's NormOnLoad path stay for a
     # variant that hands FFN1 the row statistics instead.
-    return tuple(replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages)
+    stages = [replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages]
+    # FFN2 splits K over four blocks a column; rather than have the last of them add the four partial sums after
+    # an atomic round trip, and then apply the bias and residual, it leaves the sums to the LayerNorm after the
+    # grid barrier, which adds them with operator 13 as it loads its rows.
+    for i, (gemm, norm) in enumerate(zip(stages, stages[1:])):
+        if gemm.op == _FFN2_GEMM and gemm.fuse_next and norm.kind == "rowwise" and norm.ops == (_FFN2_GEMM + 2,):
+            stages[i] = replace(gemm, ops=(_FFN2_GEMM,), fuse_next=False, splits_to_next=True)
+            stages[i + 1] = replace(norm, ops=(_FFN2_GEMM + 1, _FFN2_GEMM + 2), absorb_prev=True, sums_splits=True)
+    return tuple(stages)
 
 
 def resident_weight_ops(stages: tuple[Stage, ...]) -> tuple[int, ...]:

@@ -36,9 +36,15 @@ struct LayerArgs {
   void* ffn_res;        // op 13 [M, H]
   void* out;            // op 14 [M, H]
   // Split-K scratch for GEMMs with few rows: fp32 partial tiles and one arrival counter per output tile
-  // (counters start at zero and the last arriving block resets its counter).
+  // (counters start at zero and the last arriving block resets its counter); word kGridBarrierWord is the grid
+  // barrier's counter.
   float* splitk_partials;
   unsigned int* splitk_counters;
 };
+
+// The grid barrier's counter in splitk_counters: past the split-K tiles' counters (kSplitKMaxWork), on a 128-byte
+// line of its own; the buffer holds kSplitKCounterWords words (fusionsearch/layout.py allocates them).
+constexpr int kGridBarrierWord = 512;
+constexpr int kSplitKCounterWords = kGridBarrierWord + 32;
 
 }  // namespace fs

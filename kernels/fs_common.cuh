@@ -4,7 +4,6 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 
 #include "fs_args.h"
 
@@ -152,8 +151,25 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Grid-wide barrier between the stages of a persistent segment kernel (needs a cooperative launch).
-__device__ __forceinline__ void grid_barrier() { cooperative_groups::this_grid().sync(); }
+// Grid-wide barrier between the stages of a persistent segment kernel; a cooperative launch guarantees that every
+// block is resident. One counter: block 0 adds 2^31 − (blocks − 1) and every other block 1, so its top bit flips
+// once all have arrived and its low bits return to zero, ready for the next barrier and the next launch. Thread 0
+// arrives with release semantics and polls with acquire loads, between two block barriers: 1.00 µs a barrier on
+// 132 blocks of an H100, against 1.12 for cooperative_groups' grid sync, which fences apart from its atomic
+// (experiments/resident_probe).
+__device__ __forceinline__ void grid_barrier(const LayerArgs& a) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int* counter = a.splitk_counters + kGridBarrierWord;
+    const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+    unsigned int before, now;
+    asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;\n" : "=r"(before) : "l"(counter), "r"(add) : "memory");
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(now) : "l"(counter) : "memory");
+    } while (((before ^ now) & 0x80000000u) == 0);
+  }
+  __syncthreads();
+}
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int max_of(int a, int b) { return a > b ? a : b; }

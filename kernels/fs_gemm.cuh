@@ -29,6 +29,7 @@ template <class T> struct MatB {
 // to arrive at the tile's counter adds them up and runs the epilogue (no grid barrier needed).
 constexpr int kSplitKMaxRows = 512;
 constexpr int kSplitKMaxWork = 512;          // tiles × splits; bounds the scratch buffer
+static_assert(kSplitKMaxWork <= kGridBarrierWord, "the split-K counters must end before the grid barrier's");
 constexpr int kSplitKTargetWork = 264;       // about two blocks per SM of a 132-SM GPU
 constexpr int kSplitKOneWaveWork = 132;      // one block per SM, for tiles with deep K steps
 constexpr int kSplitKMinK = 128;             // K elements each split keeps at least

@@ -81,11 +81,14 @@ __device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader&
 
 // A layer GEMM (one with a weight matrix): against the block's resident weight slice where the segment kernel
 // holds one, else tiled.
-template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
+template <class T, class D, int OP, class Resident, bool NORM = false, bool SPLITS_TO_NEXT = false, class ALoader,
+          class Epi>
 __device__ __forceinline__ void layer_gemm(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
                                            char* smem, const SplitK& sk, const NormOnLoad<T>& norm = {}) {
   static_assert(!NORM || Resident::template holds<OP>(), "a LayerNorm on load needs resident weights");
-  if constexpr (Resident::template holds<OP>()) resident_gemm<T, D, OP, Resident, NORM>(g, A, epi, smem, sk, norm);
+  static_assert(!SPLITS_TO_NEXT || Resident::template holds<OP>(), "only a resident GEMM leaves its K splits");
+  if constexpr (Resident::template holds<OP>())
+    resident_gemm<T, D, OP, Resident, NORM, SPLITS_TO_NEXT>(g, A, epi, smem, sk, norm);
   else gemm_dispatch<T, D, OP>(g, A, B, epi, smem, sk);
 }
 
@@ -158,8 +161,9 @@ template <class T, int OP, int N, bool FUSE_NEXT> struct LinearEpilogue {
 };
 
 // NORM_ON_LOAD (FFN1 with resident weights): A is attn_res, normalised by LayerNorm 9 as it is loaded.
+// SPLITS_TO_NEXT (FFN2 with resident weights): the K splits' sums stay in the split-K scratch for LayerNorm 14.
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights,
-          bool NORM_ON_LOAD = false>
+          bool NORM_ON_LOAD = false, bool SPLITS_TO_NEXT = false>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
   const SplitK sk{a.splitk_partials, a.splitk_counters};
@@ -243,8 +247,9 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
     } else if constexpr (OP == 7 && MERGE_PROLOGUE) {
       layer_gemm<T, D, OP, Resident>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem, sk);
     } else {
+      static_assert(!SPLITS_TO_NEXT || (OP == 12 && !FUSE_NEXT), "FFN2 leaves its splits in place of its epilogue");
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
-      layer_gemm<T, D, OP, Resident>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
+      layer_gemm<T, D, OP, Resident, false, SPLITS_TO_NEXT>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
     }
   }
 }

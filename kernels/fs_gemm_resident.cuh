@@ -117,7 +117,8 @@ struct NoResidentWeights {
 };
 
 // The resident weights of one segment kernel: GEMM operators OPS in stage order. Dynamic shared memory holds the
-// stages' scratch (SCRATCH bytes), then one mbarrier per GEMM, the table of the block's slices, then the slices.
+// stages' scratch (SCRATCH bytes), then one mbarrier per GEMM, the table of the block's slices, each GEMM's weight
+// pointer, then the slices.
 template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   static_assert(sizeof(T) == 2, "resident weights are 16-bit");
   static_assert(SCRATCH >= kResidentScratchBytes, "the stage scratch must hold the resident GEMM's warp sums");
@@ -127,7 +128,8 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   // kernel starts (each takes integer divisions by the grid size).
   static constexpr int kSliceOffset = kBarrierOffset + kSlots * 8;
   static constexpr int kTableBytes = kSlots * static_cast<int>(sizeof(ResidentSlice));
-  static constexpr int kWeightOffset = ceil_div(kSliceOffset + kTableBytes, 128) * 128;
+  static constexpr int kSourceOffset = ceil_div(kSliceOffset + kTableBytes, 8) * 8;
+  static constexpr int kWeightOffset = ceil_div(kSourceOffset + kSlots * 8, 128) * 128;
 
   template <int OP> static constexpr bool holds() { return ((OPS == OP) || ...); }
   template <int OP> static constexpr int slot() {
@@ -180,9 +182,13 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     return reinterpret_cast<const ResidentSlice*>(smem + kSliceOffset)[slot<OP>()];
   }
 
-  // Start every weight copy of this block, GEMMs in stage order; called by the whole block before its first stage.
-  // A bulk copy takes its operands from uniform registers, so a warp issues them one at a time: the copies are
-  // dealt over the warps, and a slice of the whole K is one copy. The slices come from the compile-time table where
+  // Start the first GEMM's weight copies of this block; called by the whole block before its first stage. A bulk
+  // copy takes its operands from uniform registers, so a warp issues them one at a time: the copies are dealt over
+  // the warps, and a slice of the whole K is one copy. Issuing a copy stalls the issuing thread until the copy
+  // engine takes it, which it does only as the copies before it stream in: issuing every GEMM's copies here held
+  // each warp about 1.5 µs (H100, 1×32) before the first GEMM could begin. So the later GEMMs' copies go out from
+  // inside the first GEMM, once its loads of A are in flight (issue_later), where the stall overlaps their latency;
+  // a block without a slice of the first GEMM issues them here. The slices come from the compile-time table where
   // the grid matches it: working them out took most of the start's code, which every SM fetches from L2 before
   // its first copy can begin.
   static __device__ void start(const LayerArgs& a, char* smem) {
@@ -200,12 +206,24 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
       // A block without a slice never waits on its barrier.
       for (int s = 0; s < kSlots; ++s)
         if (held[s].part >= 0) mbarrier_expect_bytes(barrier(smem, s), held[s].bytes);
+      const void** sources = reinterpret_cast<const void**>(smem + kSourceOffset);
+      int index = 0;
+      ((sources[index++] = weight_of<OPS>(a)), ...);
     }
-    __syncthreads();  // barriers armed and slices known before any copy can complete
-    if (threadIdx.x % 32 == 0) (issue<OPS>(a, smem), ...);
+    __syncthreads();  // barriers armed, slices and sources known before any copy can complete
+    if (threadIdx.x % 32 == 0) {
+      issue_first<OPS...>(smem);
+      if (held<first_op<OPS...>()>(smem).part < 0) issue_later(smem);
+    }
   }
+  // Lane 0 of every warp: the copies of every GEMM after the first. The first GEMM calls it under its first loads
+  // of A (see start).
+  static __device__ void issue_later(char* smem) { issue_rest<OPS...>(smem); }
 
  private:
+  template <int FIRST, int... REST> static constexpr int first_op() { return FIRST; }
+  template <int FIRST, int... REST> static __device__ void issue_first(char* smem) { issue<FIRST>(smem); }
+  template <int FIRST, int... REST> static __device__ void issue_rest(char* smem) { (issue<REST>(smem), ...); }
   static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
   template <int OP> static __host__ __device__ const void* weight_of(const LayerArgs& a) {
     return OP == 0 ? a.w_qkv : OP == 7 ? a.w_o : OP == 10 ? a.w_ffn1 : a.w_ffn2;
@@ -219,12 +237,13 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     return s;
   }
   // Lane 0 of each warp: its share of the copies of GEMM OP's slice (one copy, or one per row when K is split).
-  template <int OP> static __device__ void issue(const LayerArgs& a, char* smem) {
+  template <int OP> static __device__ void issue(char* smem) {
     using G = ResidentGemm<D, OP>;
     const ResidentSlice s = held<OP>(smem);
     if (s.part < 0) return;
     uint64_t* bar = barrier(smem, slot<OP>());
-    const T* w = static_cast<const T*>(weight_of<OP>(a)) + static_cast<long long>(s.n0) * G::K + s.split * G::KS;
+    const T* source = static_cast<const T*>(reinterpret_cast<const void* const*>(smem + kSourceOffset)[slot<OP>()]);
+    const T* w = source + static_cast<long long>(s.n0) * G::K + s.split * G::KS;
     char* dst = smem + kWeightOffset + s.offset;
     const int warp = threadIdx.x / 32, rows = s.n8 * 8;
     if constexpr (G::SPLITS == 1) {
@@ -382,19 +401,22 @@ __device__ __forceinline__ void finish(const Epi& epi, int row, int col, const t
   else epi(0, row, col, v0, v1);
 }
 
-// C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair.
+// C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair. SPLITS_TO_NEXT
+// (a GEMM whose K is split over blocks): each split stores its sums to the split-K scratch as [split][M][N] and the
+// stage after the next grid barrier adds them (the epilogue is not run).
 //
 // Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
 // {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
 // and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
-template <class T, class D, int OP, class Resident, bool NORM = false, class ALoader, class Epi>
+template <class T, class D, int OP, class Resident, bool NORM = false, bool SPLITS_TO_NEXT = false, class ALoader,
+          class Epi>
 __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
                               const NormOnLoad<T>& norm = {}) {
   static_assert(!NORM || ResidentGemm<D, OP>::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
+  static_assert(!SPLITS_TO_NEXT || ResidentGemm<D, OP>::SPLITS > 1, "only a GEMM with K splits leaves them");
   using G = ResidentGemm<D, OP>;
   const ResidentSlice s = Resident::template held<OP>(smem);
   if (s.part < 0) return;
-  mbarrier_wait(Resident::barrier(smem, Resident::template slot<OP>()), 0);
   const char* sw = Resident::weights(smem) + s.offset;
   float* sums = reinterpret_cast<float*>(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
@@ -433,6 +455,10 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
       }
     }
     if constexpr (NORM) norm_on_load<T, G>(a_lo, a_hi, norm, sums + kResidentSumsFloats, k0, m0, g.M, s.part == 0);
+    // The first GEMM's block starts the later GEMMs' copies while its loads of A are in flight (see start).
+    if constexpr (Resident::template slot<OP>() == 0)
+      if (m0 == 0 && lane == 0) Resident::issue_later(smem);
+    mbarrier_wait(Resident::barrier(smem, Resident::template slot<OP>()), 0);  // a completed phase passes at once
     float acc[2][kResidentMaxN8][4] = {};
 #pragma unroll
     for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
@@ -478,12 +504,15 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         v1 += x.y;
       }
       if constexpr (G::SPLITS == 1) finish(epi, row, s.n0 + c, early[i], v0, v1);
+      else if constexpr (SPLITS_TO_NEXT)
+        __stcg(reinterpret_cast<float2*>(sk.partials + (static_cast<long long>(s.split) * g.M + row) * G::N + s.n0 + c),
+               make_float2(v0, v1));
       else __stcg(reinterpret_cast<float2*>(partials + row * (kResidentMaxN8 * 8) + c), make_float2(v0, v1));
     }
     __syncthreads();  // the next row group reuses the sums
   }
 
-  if constexpr (G::SPLITS > 1) {
+  if constexpr (G::SPLITS > 1 && !SPLITS_TO_NEXT) {
     // The last split to arrive adds all of them, in split order, and runs the epilogue.
     // The block barrier orders every thread's partials before thread 0's release; its acquire, and the barrier
     // after it, make the other splits' partials visible to the whole block. Every split reads the epilogue's

@@ -135,7 +135,11 @@ template <class T, class D, bool ABSORB_SCALE_MASK> __device__ void softmax_rows
 // One row per warp. Each lane sums its values of the row and their squared deviations from its own mean; the
 // lanes' (mean, M2) pairs then pool in one shuffle tree by the parallel-variance rule (M2 = M2_a + M2_b +
 // δ²·n_a·n_b/(n_a + n_b)), instead of a tree for the mean and a second one for the squares after it.
-template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL> __device__ void layernorm_rows(const LayerArgs& a) {
+// SPLITS > 0 (LayerNorm 14 after a resident FFN2 that left its K splits): the GEMM's output is the sum of SPLITS
+// fp32 partials in the split-K scratch ([split][M][hidden]), added in split order.
+template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL, int SPLITS = 0>
+__device__ void layernorm_rows(const LayerArgs& a) {
+  static_assert(SPLITS == 0 || (OP == 14 && ABSORB_BIAS_RESIDUAL), "only LayerNorm 14 adds FFN2's splits");
   constexpr int CHUNKS = D::hidden / 8, PER_LANE = (CHUNKS + 31) / 32;
   constexpr bool kEven = CHUNKS % 32 == 0;  // every lane holds PER_LANE chunks (every BERT width)
   const long long rows = static_cast<long long>(a.batch) * a.seq;
@@ -161,7 +165,25 @@ template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL> __device__ void l
       const long long at = row * D::hidden + c * 8;
       gamma8[p] = *reinterpret_cast<const Vec8<T>*>(gamma + c * 8);
       beta8[p] = *reinterpret_cast<const Vec8<T>*>(beta + c * 8);
-      if constexpr (ABSORB_BIAS_RESIDUAL) {
+      if constexpr (SPLITS > 0) {
+        float bb[8], rr[8];
+        float4 part[SPLITS][2];
+#pragma unroll
+        for (int k = 0; k < SPLITS; ++k) {
+          const float4* from = reinterpret_cast<const float4*>(a.splitk_partials + k * rows * D::hidden + at);
+          part[k][0] = __ldcg(from);
+          part[k][1] = __ldcg(from + 1);
+        }
+        load8(bias + c * 8, bb);
+        load8(residual + at, rr);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float sum_k = 0.f;
+#pragma unroll
+          for (int k = 0; k < SPLITS; ++k) sum_k += reinterpret_cast<const float*>(part[k])[i];
+          v[p][i] = sum_k + bb[i] + rr[i];  // as the GEMM's epilogue adds them, without rounding to T between
+        }
+      } else if constexpr (ABSORB_BIAS_RESIDUAL) {
         float bb[8], rr[8];
         load8(proj + at, v[p]);
         load8(bias + c * 8, bb);
@@ -218,9 +240,10 @@ template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL> __device__ void l
   }
 }
 
-template <class T, class D, int OP, bool ABSORB_PREV> __device__ void rowwise_op(const LayerArgs& a) {
+template <class T, class D, int OP, bool ABSORB_PREV, int SPLITS = 0> __device__ void rowwise_op(const LayerArgs& a) {
+  static_assert(OP != 4 || SPLITS == 0, "softmax reads no GEMM splits");
   if constexpr (OP == 4) softmax_rows<T, D, ABSORB_PREV>(a);
-  else layernorm_rows<T, D, OP, ABSORB_PREV>(a);
+  else layernorm_rows<T, D, OP, ABSORB_PREV, SPLITS>(a);
 }
 
 }  // namespace fs

@@ -1,6 +1,7 @@
 """experiments/device_call.py without a GPU: which steps fit the time left, which variant goes on, bad input."""
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import subprocess
@@ -80,14 +81,21 @@ def test_the_phase_probe_goes_on_top_of_a_variant_and_one_that_does_not_apply_is
     tree = call.probed_copy(tmp_path / "tree", variant)
     resident = (tree / "kernels" / "fs_gemm_resident.cuh").read_text()
     assert "load_rows(m0 + kResidentRowGroup, next_lo, next_hi)" in resident and "phase_clock(" in resident
-    # This one moves the start's lines the probe anchors on; the probe still goes on, with fuzz.
+    # A variant that rewrites lines the probe anchors on (two lines of context before its start stamps); the probe
+    # still goes on, with fuzz. Made against the tree as it is, so the test does not go stale with the kernels.
     if shutil.which("patch") is None:
         pytest.skip("needs patch(1)")
-    moved = call.probed_copy(tmp_path / "moved", ROOT / "experiments" / "patches" /
-                             "resident-later-copies-after-first-stage.patch")
-    template = (moved / "templates" / "segment.cu.j2").read_text()
-    assert "Resident::start_later(a, smem);" in template and "fs::phase_clock(a.splitk_partials, 0);" in template
-    assert "phase_clock(a.splitk_partials, 21);" in (moved / "kernels" / "fs_gemm_resident.cuh").read_text()
+    original = (ROOT / "kernels" / "fs_gemm_resident.cuh").read_text()
+    anchors = "int index = 0;\n      ((sources[index++]"
+    assert original.count(anchors) == 1
+    renamed = original.replace(anchors, "int next = 0;\n      ((sources[next++]")
+    moving = tmp_path / "moving.patch"
+    moving.write_text("".join(difflib.unified_diff(original.splitlines(keepends=True), renamed.splitlines(keepends=True),
+                                                   "a/kernels/fs_gemm_resident.cuh", "b/kernels/fs_gemm_resident.cuh")))
+    moved = call.probed_copy(tmp_path / "moved", moving)
+    resident = (moved / "kernels" / "fs_gemm_resident.cuh").read_text()
+    assert "sources[next++]" in resident and "phase_clock(a.splitk_partials, 21);" in resident
+    assert "fs::phase_clock(a.splitk_partials, 0);" in (moved / "templates" / "segment.cu.j2").read_text()
     clash = ROOT / "experiments" / "patches" / "resident-layernorm-9-as-its-own-stage.patch"  # already on main
     with pytest.raises(SystemExit, match="does not apply"):
         call.probed_copy(tmp_path / "other", clash)

@@ -17,7 +17,7 @@ def _stamps(blocks: dict[int, dict[int, tuple[int, int]]]) -> np.ndarray:
 
 def test_phase_names_follow_the_resident_stages():
     names = load_experiment("phase_clock").phase_names([(0, 1), (2, 3, 4, 5, 6), (12, 13, 14)], [0, 12])
-    assert names[0] == "kernel start" and names[1] == "weight copies issued"
+    assert names[0] == "kernel start" and names[1] == "the start's weight copies issued"
     assert names[3] == "stage 1 (0–1) ends" and 2 not in names
     assert names[4] == "stage 2 (2–6) starts (grid barrier passed)" and names[7] == "stage 3 (12–14) ends"
     assert names[24] == "GEMM 0 weight slice landed" and names[25] == "GEMM 12 weight slice landed"
@@ -81,11 +81,11 @@ def test_parts_cut_the_kernel_into_its_start_stages_barriers_and_what_no_stamp_s
         return {"slot": slot, "phase": phase, "blocks": 2, "earliest_us": median, "median_us": median,
                 "latest_us": latest}
 
-    rows = [row(0, "kernel start", 0.0, 0.2), row(1, "weight copies issued", 2.0, 3.0),
+    rows = [row(0, "kernel start", 0.0, 0.2), row(1, "the start's weight copies issued", 2.0, 3.0),
             row(3, "stage 1 (0–1) ends", 5.0, 6.0), row(4, "stage 2 (2–6) starts (grid barrier passed)", 7.0, 7.5),
             row(5, "stage 2 (2–6) ends", 8.0, 9.5), row(24, "GEMM 0 weight slice landed", 2.5, 3.5)]
     cut = {c["part"]: c for c in phase_clock.parts(rows, 12.0)}
-    assert list(cut) == ["start (kernel start → weight copies issued)", "stage 1 (0–1)",
+    assert list(cut) == ["start (kernel start → its weight copies issued)", "stage 1 (0–1)",
                          "· GEMM 0 weight slice landed", "grid barrier before stage 2 (2–6)", "stage 2 (2–6)",
                          "outside the stamps (launch, the kernel's end, the graph)"]
     assert cut["stage 1 (0–1)"]["us"] == (3.0, 4.0)  # from the copies issued (median) to its median / latest end

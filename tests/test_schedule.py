@@ -121,3 +121,16 @@ def test_resident_weight_stages_hold_the_layer_gemms_and_keep_layernorm_9_a_stag
     assert not any(stage.norm_on_load for stage in absorbing) and resident_weight_ops(absorbing) == (10, 12)
     assert resident_weight_stages(Segment(1, 6, True)) is None
     assert blocks_per_sm(whole) == 1
+
+
+def test_resident_ffn2_leaves_its_k_splits_to_the_layernorm_after_it():
+    from fusionsearch.schedule import resident_weight_stages
+
+    *_, ffn2, norm = resident_weight_stages(Segment(0, 14, True))
+    assert (ffn2.op, ffn2.ops, ffn2.fuse_next, ffn2.splits_to_next) == (12, (12,), False, True)
+    assert (norm.op, norm.ops, norm.absorb_prev, norm.sums_splits) == (14, (13, 14), True, True)
+    # Without LayerNorm 14 in the kernel the GEMM adds its splits itself and keeps its epilogue.
+    (alone,) = [s for s in resident_weight_stages(Segment(12, 13)) if s.op == 12]
+    assert alone.fuse_next and not alone.splits_to_next
+    # The tiled kernel of the same segment is unchanged.
+    assert stages_of(Segment(0, 14, True))[-2].ops == (12, 13)
