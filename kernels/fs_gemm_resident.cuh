@@ -212,7 +212,7 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
     }
     __syncthreads();  // barriers armed, slices and sources known before any copy can complete
     if (threadIdx.x % 32 == 0) {
-      issue_first<OPS...>(smem);
+      issue<first_op<OPS...>()>(smem);
       if (held<first_op<OPS...>()>(smem).part < 0) issue_later(smem);
     }
   }
@@ -222,7 +222,6 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
 
  private:
   template <int FIRST, int... REST> static constexpr int first_op() { return FIRST; }
-  template <int FIRST, int... REST> static __device__ void issue_first(char* smem) { issue<FIRST>(smem); }
   template <int FIRST, int... REST> static __device__ void issue_rest(char* smem) { (issue<REST>(smem), ...); }
   static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
   template <int OP> static __host__ __device__ const void* weight_of(const LayerArgs& a) {

@@ -166,7 +166,6 @@ __device__ void layernorm_rows(const LayerArgs& a) {
       gamma8[p] = *reinterpret_cast<const Vec8<T>*>(gamma + c * 8);
       beta8[p] = *reinterpret_cast<const Vec8<T>*>(beta + c * 8);
       if constexpr (SPLITS > 0) {
-        float bb[8], rr[8];
         float4 part[SPLITS][2];
 #pragma unroll
         for (int k = 0; k < SPLITS; ++k) {
@@ -174,24 +173,23 @@ __device__ void layernorm_rows(const LayerArgs& a) {
           part[k][0] = __ldcg(from);
           part[k][1] = __ldcg(from + 1);
         }
-        load8(bias + c * 8, bb);
-        load8(residual + at, rr);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          float sum_k = 0.f;
+          v[p][i] = 0.f;
 #pragma unroll
-          for (int k = 0; k < SPLITS; ++k) sum_k += reinterpret_cast<const float*>(part[k])[i];
-          v[p][i] = sum_k + bb[i] + rr[i];  // as the GEMM's epilogue adds them, without rounding to T between
+          for (int k = 0; k < SPLITS; ++k) v[p][i] += reinterpret_cast<const float*>(part[k])[i];
         }
       } else if constexpr (ABSORB_BIAS_RESIDUAL) {
-        float bb[8], rr[8];
         load8(proj + at, v[p]);
+      } else {
+        load8(summed + at, v[p]);
+      }
+      if constexpr (ABSORB_BIAS_RESIDUAL) {  // in fp32 onto the GEMM's output, as its epilogue would add them
+        float bb[8], rr[8];
         load8(bias + c * 8, bb);
         load8(residual + at, rr);
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[p][i] += bb[i] + rr[i];
-      } else {
-        load8(summed + at, v[p]);
       }
 #pragma unroll
       for (int i = 0; i < 8; ++i) sum += v[p][i];
