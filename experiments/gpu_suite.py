@@ -132,6 +132,12 @@ def libraries_built_in_tests(session: Path) -> dict[str, float]:
         return {}
 
 
+def _message_cell(case: dict) -> str:
+    """A failure's logged message after its status, safe inside a Markdown table cell."""
+    message = case.get("message")
+    return f": {message.replace('|', '/')}" if message else ""
+
+
 def summary_markdown(summary: dict) -> str:
     """The run's summary as Markdown: device, the exact command, builds, the pytest outcome and every test."""
     facts, builds, cases = summary["device"], summary["builds"], summary["tests"]
@@ -158,7 +164,7 @@ def summary_markdown(summary: dict) -> str:
     elif not cases:
         lines.append("pytest wrote no report.")
     lines += ["", "| test | status | s |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {c['status']} | {c['time_s']:.1f} |" for c in cases]
+    lines += [f"| {c['name']} | {c['status']}{_message_cell(c)} | {c['time_s']:.1f} |" for c in cases]
     return "\n".join(lines) + "\n"
 
 

@@ -37,9 +37,14 @@ def library_for(cfg, segments=None):
     return _LIBRARIES[key]
 
 
+MESSAGE_CHARS = 300  # of a failure's message in the log: its first line, enough to tell one cause from another
+
+
 def progress_entry(report) -> dict | None:
     """One finished test as the JUnit report would list it (name, seconds, status), from pytest's report of one of
-    its phases; None for the phases that add nothing (a passing setup or teardown)."""
+    its phases; None for the phases that add nothing (a passing setup or teardown). A failure keeps the first line
+    of its message, so a run killed before pytest wrote its own report still says why (a CLI that a stop's SIGINT
+    reached returns 130, and the test fails on that)."""
     if report.when == "call":
         status = {"passed": "passed", "failed": "failure", "skipped": "skipped"}[report.outcome]
     elif report.outcome == "skipped":
@@ -48,7 +53,12 @@ def progress_entry(report) -> dict | None:
         status = "error"
     else:
         return None
-    return {"name": report.nodeid.split("::")[-1], "time_s": report.duration, "status": status}
+    entry = {"name": report.nodeid.split("::")[-1], "time_s": report.duration, "status": status}
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    message = (getattr(crash, "message", "") or "").strip() if report.outcome == "failed" else ""
+    if message:
+        entry["message"] = message.splitlines()[0][:MESSAGE_CHARS]
+    return entry
 
 
 def record_progress(report) -> None:

@@ -92,13 +92,14 @@ def test_the_summary_names_the_command_the_builds_inside_the_tests_and_a_stop(tm
                "command": "python experiments/gpu_suite.py --skip-builds --cache /tmp/c --suffix=-kernels",
                "builds": {}, "library_builds_in_tests_s": builds_in_tests, "pytest_exit": 2, "pytest_wall_s": 300.4,
                "stopped_by": "SIGTERM", "tests": [{"name": "test_a", "time_s": 1.25, "status": "passed"},
-                                                   {"name": "test_b", "time_s": 0.5, "status": "failure"}]}
+                                                   {"name": "test_b", "time_s": 0.5, "status": "failure",
+                                                    "message": "AssertionError: a | b"}]}
     text = suite.summary_markdown(summary)
     assert "kernel sources hash c444290c33c24235" in text
     assert "Command: `PYTHONPATH=. python experiments/gpu_suite.py --skip-builds --cache /tmp/c --suffix=-kernels`" in text
     assert "fp16 h768 n12 ff3072 116.1 s" in text
     assert "1 passed, 1 failed, 0 errors, 0 skipped in 300 s (exit 2); stopped by SIGTERM" in text
-    assert "| test_b | failure | 0.5 |" in text
+    assert "| test_b | failure: AssertionError: a / b | 0.5 |" in text
 
 
 def test_each_finished_test_is_logged_as_the_junit_report_would_list_it(tmp_path, monkeypatch):
@@ -117,6 +118,18 @@ def test_each_finished_test_is_logged_as_the_junit_report_would_list_it(tmp_path
     record_progress(report("call", "passed"))
     record_progress(report("teardown", "passed"))
     assert [json.loads(line)["status"] for line in log.read_text().splitlines()] == ["passed"]
+
+
+def test_a_logged_failure_keeps_the_first_line_of_its_message():
+    def failed(message, when="call"):
+        crash = SimpleNamespace(message=message)
+        return SimpleNamespace(when=when, outcome="failed", nodeid="tests/t.py::test_y", duration=2.0,
+                               longrepr=SimpleNamespace(reprcrash=crash))
+
+    assert progress_entry(failed("assert 130 == 0\n +  where 130 = main([...])")) == {
+        "name": "test_y", "time_s": 2.0, "status": "failure", "message": "assert 130 == 0"}
+    assert progress_entry(failed("x" * 1000))["message"] == "x" * 300
+    assert progress_entry(failed("RuntimeError: no GPU", when="setup"))["message"] == "RuntimeError: no GPU"
 
 
 def test_the_conftest_logs_a_real_run_and_the_suite_reads_the_log_back(tmp_path):
