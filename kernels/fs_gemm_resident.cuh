@@ -20,6 +20,15 @@ namespace fs {
 // 34 at 32 (H100), where tiled kernels and cuBLAS take 40.
 constexpr int kResidentMaxRows = 64;
 constexpr int kResidentSplitDepth = 768;  // K elements a block's slice spans at most: K = 3072 splits four ways
+
+// K splits of a resident GEMM: the fewest that keep a split within kResidentSplitDepth and a whole number of 32-deep
+// chunks (four for BERT-base's 3072, eight for BERT-large's 4096, where six would be 682.7 deep). Where none does
+// (K not a multiple of 32), ResidentGemm::kWidthsSplit is false.
+constexpr int resident_splits(int k) {
+  for (int splits = ceil_div(k, kResidentSplitDepth); splits * 32 <= k; ++splits)
+    if (k % (splits * 32) == 0) return splits;
+  return ceil_div(k, kResidentSplitDepth);
+}
 constexpr int kResidentMaxN8 = 4;         // 8-column groups of one GEMM a block may hold (the launch checks)
 constexpr int kResidentRowGroup = 32;     // rows per pass: two m16 tiles per warp
 constexpr int kResidentScratchStride = kResidentMaxN8 * 8 + 8;  // floats per row of a warp's sums (+8: banks)
@@ -42,20 +51,22 @@ template <class D, int OP> struct ResidentGemm {
   static constexpr int N = OP == 0 ? 3 * D::hidden : OP == 10 ? D::ffn : D::hidden;
   static constexpr int K = OP == 12 ? D::ffn : D::hidden;
   static constexpr int N8 = N / 8;
-  static constexpr int SPLITS = ceil_div(K, kResidentSplitDepth);
+  static constexpr int SPLITS = resident_splits(K);
   static constexpr int KS = K / SPLITS;  // K elements of one split
   static constexpr int CHUNKS = KS / 32;
   static constexpr int CHUNKS_PER_WARP = ceil_div(CHUNKS, kWarps);
   // Rows are stored unpadded, so a slice of the whole K is one contiguous copy. The weight fragments then meet a
   // 2-way bank conflict (a quarter warp reads 64 bytes from each of two rows), which is cheap: each is read once.
   static constexpr int ROW_BYTES = KS * 2;
-  static_assert(N % 8 == 0 && K % (SPLITS * 32) == 0, "weights must split into 8-column groups and 32-deep chunks");
+  // Slices are 8-column groups of 32-deep chunks; widths that do not divide so (an intermediate size of 1000, say)
+  // leave the segment to its tiled kernel: the resident one is compiled but never launched (fits).
+  static constexpr bool kWidthsSplit = N % 8 == 0 && K % (SPLITS * 32) == 0;
 
   // Column partitions for a grid of `grid` blocks: each is SPLITS units (one per K split), at most one per block.
   static __host__ __device__ constexpr int parts(int grid) { return grid / SPLITS < N8 ? grid / SPLITS : N8; }
   static __host__ __device__ constexpr int units(int grid) { return SPLITS * parts(grid); }
   static __host__ __device__ bool fits(int grid) {
-    return parts(grid) > 0 && ceil_div(N8, parts(grid)) <= kResidentMaxN8;
+    return kWidthsSplit && parts(grid) > 0 && ceil_div(N8, parts(grid)) <= kResidentMaxN8;
   }
 };
 
@@ -401,8 +412,9 @@ __device__ __forceinline__ void finish(const Epi& epi, int row, int col, const t
 }
 
 // C = A·Wᵀ for the rows of A against this block's resident slice, then the epilogue, pair by pair. SPLITS_TO_NEXT
-// (a GEMM whose K is split over blocks): each split stores its sums to the split-K scratch as [split][M][N] and the
-// stage after the next grid barrier adds them (the epilogue is not run).
+// (a GEMM followed by the LayerNorm that adds its splits): each K split, even a lone one where the widths allow no
+// more, stores its sums to the split-K scratch as [split][M][N] and the stage after the next grid barrier adds them
+// (the epilogue is not run).
 //
 // Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
 // {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
@@ -412,7 +424,6 @@ template <class T, class D, int OP, class Resident, bool NORM = false, bool SPLI
 __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
                               const NormOnLoad<T>& norm = {}) {
   static_assert(!NORM || ResidentGemm<D, OP>::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
-  static_assert(!SPLITS_TO_NEXT || ResidentGemm<D, OP>::SPLITS > 1, "only a GEMM with K splits leaves them");
   using G = ResidentGemm<D, OP>;
   const ResidentSlice s = Resident::template held<OP>(smem);
   if (s.part < 0) return;
@@ -445,7 +456,7 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
       }
     }
     Operands early[kPairsPerThread];
-    if constexpr (G::SPLITS == 1 && EpilogueOperands<Epi>::kEarly) {
+    if constexpr (G::SPLITS == 1 && !SPLITS_TO_NEXT && EpilogueOperands<Epi>::kEarly) {
 #pragma unroll
       for (int i = 0; i < kPairsPerThread; ++i) {
         int r = 0, c = 0;
@@ -502,10 +513,10 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         v0 += x.x;
         v1 += x.y;
       }
-      if constexpr (G::SPLITS == 1) finish(epi, row, s.n0 + c, early[i], v0, v1);
-      else if constexpr (SPLITS_TO_NEXT)
+      if constexpr (SPLITS_TO_NEXT)
         __stcg(reinterpret_cast<float2*>(sk.partials + (static_cast<long long>(s.split) * g.M + row) * G::N + s.n0 + c),
                make_float2(v0, v1));
+      else if constexpr (G::SPLITS == 1) finish(epi, row, s.n0 + c, early[i], v0, v1);
       else __stcg(reinterpret_cast<float2*>(partials + row * (kResidentMaxN8 * 8) + c), make_float2(v0, v1));
     }
     __syncthreads();  // the next row group reuses the sums

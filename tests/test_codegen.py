@@ -215,6 +215,17 @@ def test_sample_units_compile_for_sm90a_with_tensor_core_code(segment, tmp_path)
         assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.bf16\.bf16 \{[^}]*\},\s*\{%r", ptx)
 
 
+@pytest.mark.nvcc
+@pytest.mark.parametrize("cfg", [LayerConfig(heads=3, head_size=32, ffn=384), LayerConfig(ffn=1000),
+                                 LayerConfig(heads=16, head_size=64, ffn=4096)], ids=["hidden96", "ffn1000", "large"])
+def test_whole_layer_unit_compiles_where_widths_split_k_unevenly(cfg, tmp_path):
+    # FFN2's K fits one split at 384, which it still leaves to LayerNorm 14; 1000 does not split into 32-deep
+    # chunks at all, so its resident kernel compiles but never launches (ResidentGemm::kWidthsSplit); BERT-large's
+    # 4096 splits eight ways, since six would not be whole chunks.
+    compile_unit(Segment(0, 14, True), cfg, tmp_path)
+    assert (tmp_path / "unit.cubin").stat().st_size > 0
+
+
 def ptxas_resources(stderr: str) -> dict[str, tuple[int, int]]:
     """Kernel name → (registers, spill-store bytes) from `ptxas -v` output."""
     found, name = {}, None

@@ -93,6 +93,29 @@ def test_layernorm_passes_match_reference_where_chunks_deal_unevenly(dtype, head
     assert not failures, "\n".join(failures)
 
 
+# Widths the resident-weight kernels split differently from BERT-base: FFN2's K in one split at 192 wide (ffn 768)
+# and at 96 wide (ffn 384), still left to LayerNorm 14; an intermediate size of 1000, which FFN2 cannot split into
+# 32-deep chunks, so the segments holding FFN2 fall back to their tiled kernels.
+@pytest.mark.parametrize("heads,head_size,ffn,ffn2_splits", [(3, 64, 768, True), (3, 32, 384, True),
+                                                             (12, 64, 1000, False)])
+def test_resident_kernels_match_reference_where_widths_split_k_unevenly(heads, head_size, ffn, ffn2_splits):
+    import torch
+    from fusionsearch.verify import verify_segment
+
+    cfg = LayerConfig(batch=1, seq_len=32, heads=heads, head_size=head_size, ffn=ffn, dtype="fp16")
+    segments = (Segment(0, 14, True), Segment(6, 9), Segment(10, 14))
+    library, weights = library_for(cfg, segments), _weights(cfg)
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    failures = []
+    for index, segment in enumerate(segments):
+        budget, names = run_and_list_kernels(lambda: verify_segment(library, segment, weights, cfg, seed=index))
+        ran_resident = any(n.startswith(f"fs_{segment.name}_") and n.endswith("_resident") for n in names)
+        expect_resident = sm90 and (ffn2_splits or segment.last < 12)
+        if not budget.ok or ran_resident != expect_resident:
+            failures.append(f"{segment.name}: {budget.reason or 'ok'}, resident kernel ran: {ran_resident}")
+    assert not failures, "\n".join(failures)
+
+
 HOPPER_SEGMENTS = (Segment(7, 8), Segment(10, 11), Segment(12, 13))
 
 
