@@ -28,6 +28,9 @@ _MERGE_HEADS, _OUT_GEMM, _FFN2_GEMM = 6, 7, 12
 _HOPPER_SEGMENT_GEMMS = (7, 10, 12)
 # GEMMs that multiply by a weight matrix (the others multiply activations).
 _WEIGHT_GEMMS = (0, 7, 10, 12)
+# Resident GEMMs whose K is split over blocks (ResidentGemm::SPLITS, one where the width allows no more), each
+# followed by bias + residual and a LayerNorm that can add the splits.
+_SPLIT_GEMMS = (_OUT_GEMM, _FFN2_GEMM)
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,8 @@ class Stage:
     warp_groups: int = 1  # attention: independent warp groups per block, each with its own item
     resident_weights: bool = False  # layer gemm: against the block's weight slice, loaded when the kernel starts
     norm_on_load: bool = False  # resident ffn1 gemm: LayerNorm 9 applied to A's rows as they are loaded
-    splits_to_next: bool = False  # resident ffn2 gemm: its K splits' sums left for the LayerNorm stage after it
-    sums_splits: bool = False  # rowwise LayerNorm 14: adds ffn2's K splits instead of reading its output
+    splits_to_next: bool = False  # resident out/ffn2 gemm: its K splits' sums left for the LayerNorm stage after it
+    sums_splits: bool = False  # rowwise LayerNorm 9/14: adds the GEMM's K splits instead of reading its output
 
     @property
     def writes(self) -> str:
@@ -147,13 +150,14 @@ def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     # grid barrier it saved (experiments/NOTES.md); Stage.norm_on_load and the kernel's NormOnLoad path stay for a
     # variant that hands FFN1 the row statistics instead.
     stages = [replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages]
-    # FFN2 splits K over four blocks a column; rather than have the last of them add the four partial sums after
-    # an atomic round trip, and then apply the bias and residual, it leaves the sums to the LayerNorm after the
-    # grid barrier, which adds them with operator 13 as it loads its rows.
+    # The output GEMM and FFN2 split K over four blocks a column (kernels/fs_gemm_resident.cuh); rather than have
+    # the last of them add the four partial sums after an atomic round trip, and then apply the bias and residual,
+    # each leaves the sums to the LayerNorm after the grid barrier, which adds them with the bias + residual
+    # operator (8 or 13) as it loads its rows.
     for i, (gemm, norm) in enumerate(zip(stages, stages[1:])):
-        if gemm.op == _FFN2_GEMM and gemm.fuse_next and norm.kind == "rowwise" and norm.ops == (_FFN2_GEMM + 2,):
-            stages[i] = replace(gemm, ops=(_FFN2_GEMM,), fuse_next=False, splits_to_next=True)
-            stages[i + 1] = replace(norm, ops=(_FFN2_GEMM + 1, _FFN2_GEMM + 2), absorb_prev=True, sums_splits=True)
+        if gemm.op in _SPLIT_GEMMS and gemm.fuse_next and norm.kind == "rowwise" and norm.ops == (gemm.op + 2,):
+            stages[i] = replace(gemm, ops=gemm.ops[:-1], fuse_next=False, splits_to_next=True)
+            stages[i + 1] = replace(norm, ops=(gemm.op + 1, gemm.op + 2), absorb_prev=True, sums_splits=True)
     return tuple(stages)
 
 

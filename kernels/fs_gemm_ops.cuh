@@ -161,7 +161,8 @@ template <class T, int OP, int N, bool FUSE_NEXT> struct LinearEpilogue {
 };
 
 // NORM_ON_LOAD (FFN1 with resident weights): A is attn_res, normalised by LayerNorm 9 as it is loaded.
-// SPLITS_TO_NEXT (FFN2 with resident weights): the K splits' sums stay in the split-K scratch for LayerNorm 14.
+// SPLITS_TO_NEXT (the output GEMM or FFN2 with resident weights): the K splits' sums stay in the split-K scratch
+// for the LayerNorm after them (9 or 14), which adds them with the bias and residual.
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights,
           bool NORM_ON_LOAD = false, bool SPLITS_TO_NEXT = false>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
@@ -239,15 +240,16 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
         static_cast<T*>(OP == 7 ? a.attn_proj : OP == 10 ? a.ffn_pre : a.ffn_out),
         static_cast<T*>(OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res)};
     static_assert(!NORM_ON_LOAD || OP == 10, "only FFN1 takes LayerNorm 9 on load");
+    static_assert(!SPLITS_TO_NEXT || (OP != 10 && !FUSE_NEXT), "a GEMM leaves its splits in place of its epilogue");
     if constexpr (NORM_ON_LOAD) {
       const NormOnLoad<T> norm{static_cast<const T*>(a.ln1_w), static_cast<const T*>(a.ln1_b), static_cast<T*>(a.attn_out),
                                a.eps};
       layer_gemm<T, D, OP, Resident, true>(g, RowMajorA<T>{static_cast<const T*>(a.attn_res), K, 0}, B, epilogue, smem, sk,
                                            norm);
     } else if constexpr (OP == 7 && MERGE_PROLOGUE) {
-      layer_gemm<T, D, OP, Resident>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B, epilogue, smem, sk);
+      layer_gemm<T, D, OP, Resident, false, SPLITS_TO_NEXT>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S},
+                                                             B, epilogue, smem, sk);
     } else {
-      static_assert(!SPLITS_TO_NEXT || (OP == 12 && !FUSE_NEXT), "FFN2 leaves its splits in place of its epilogue");
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
       layer_gemm<T, D, OP, Resident, false, SPLITS_TO_NEXT>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
     }

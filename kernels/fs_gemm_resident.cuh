@@ -20,11 +20,20 @@ namespace fs {
 // 34 at 32 (H100), where tiled kernels and cuBLAS take 40.
 constexpr int kResidentMaxRows = 64;
 constexpr int kResidentSplitDepth = 768;  // K elements a block's slice spans at most: K = 3072 splits four ways
+// The output GEMM (N = K = 768) splits K too: unsplit, only 96 of 132 blocks hold a slice and each reads all of A,
+// which is most of a stage at 32 rows; split, every block reads a quarter of A's row and the LayerNorm after the
+// grid barrier adds the splits (schedule.resident_weight_stages).
+constexpr int kResidentOutSplits = 4;
 
-// K splits of a resident GEMM: the fewest that keep a split within kResidentSplitDepth and a whole number of 32-deep
-// chunks (four for BERT-base's 3072, eight for BERT-large's 4096, where six would be 682.7 deep). Where none does
-// (K not a multiple of 32), ResidentGemm::kWidthsSplit is false.
-constexpr int resident_splits(int k) {
+// K splits of resident GEMM OP: the output GEMM's kResidentOutSplits, halved until each split is a whole number of
+// 32-deep chunks; the others the fewest that keep a split within kResidentSplitDepth and whole chunks (eight for
+// K = 4096, as in BERT-large's FFN2). Where none does (K not a multiple of 32), kWidthsSplit is false.
+constexpr int resident_splits(int op, int k) {
+  if (op == 7) {
+    int splits = kResidentOutSplits;
+    while (splits > 1 && k % (splits * 32) != 0) splits /= 2;
+    return splits;
+  }
   for (int splits = ceil_div(k, kResidentSplitDepth); splits * 32 <= k; ++splits)
     if (k % (splits * 32) == 0) return splits;
   return ceil_div(k, kResidentSplitDepth);
@@ -51,7 +60,7 @@ template <class D, int OP> struct ResidentGemm {
   static constexpr int N = OP == 0 ? 3 * D::hidden : OP == 10 ? D::ffn : D::hidden;
   static constexpr int K = OP == 12 ? D::ffn : D::hidden;
   static constexpr int N8 = N / 8;
-  static constexpr int SPLITS = resident_splits(K);
+  static constexpr int SPLITS = resident_splits(OP, K);
   static constexpr int KS = K / SPLITS;  // K elements of one split
   static constexpr int CHUNKS = KS / 32;
   static constexpr int CHUNKS_PER_WARP = ceil_div(CHUNKS, kWarps);

@@ -135,11 +135,11 @@ template <class T, class D, bool ABSORB_SCALE_MASK> __device__ void softmax_rows
 // One row per warp. Each lane sums its values of the row and their squared deviations from its own mean; the
 // lanes' (mean, M2) pairs then pool in one shuffle tree by the parallel-variance rule (M2 = M2_a + M2_b +
 // δ²·n_a·n_b/(n_a + n_b)), instead of a tree for the mean and a second one for the squares after it.
-// SPLITS > 0 (LayerNorm 14 after a resident FFN2 that left its K splits): the GEMM's output is the sum of SPLITS
-// fp32 partials in the split-K scratch ([split][M][hidden]), added in split order.
+// SPLITS > 0 (LayerNorm 9 or 14 after a resident output GEMM or FFN2 that left its K splits): the GEMM's output is
+// the sum of SPLITS fp32 partials in the split-K scratch ([split][M][hidden]), added in split order.
 template <class T, class D, int OP, bool ABSORB_BIAS_RESIDUAL, int SPLITS = 0>
 __device__ void layernorm_rows(const LayerArgs& a) {
-  static_assert(SPLITS == 0 || (OP == 14 && ABSORB_BIAS_RESIDUAL), "only LayerNorm 14 adds FFN2's splits");
+  static_assert(SPLITS == 0 || ABSORB_BIAS_RESIDUAL, "the LayerNorm that adds a GEMM's splits adds its bias too");
   constexpr int CHUNKS = D::hidden / 8, PER_LANE = (CHUNKS + 31) / 32;
   constexpr bool kEven = CHUNKS % 32 == 0;  // every lane holds PER_LANE chunks (every BERT width)
   const long long rows = static_cast<long long>(a.batch) * a.seq;
@@ -153,8 +153,14 @@ __device__ void layernorm_rows(const LayerArgs& a) {
   const T* beta = static_cast<const T*>(OP == 9 ? a.ln1_b : a.ln2_b);
   T* dst = static_cast<T*>(OP == 9 ? a.attn_out : a.out);
   const float n_lane = 8.f * (kEven ? PER_LANE : (CHUNKS - lane + 31) / 32);
-  for (long long row = blockIdx.x * static_cast<long long>(kWarps) + threadIdx.x / 32; row < rows;
-       row += static_cast<long long>(gridDim.x) * kWarps) {
+  // Fewer rows than the grid has warps (a stage of a persistent kernel at a few dozen rows): the rows go to the
+  // blocks first, so each SM reads one row's operands instead of eight and the pass takes as many SMs as it can.
+  // Otherwise each block takes kWarps consecutive rows a pass.
+  const long long grid_warps = static_cast<long long>(gridDim.x) * kWarps;
+  const int warp = threadIdx.x / 32;
+  const long long first = rows < grid_warps ? static_cast<long long>(warp) * gridDim.x + blockIdx.x
+                                            : static_cast<long long>(blockIdx.x) * kWarps + warp;
+  for (long long row = first; row < rows; row += grid_warps) {
     float v[PER_LANE][8];
     float sum = 0.f;
     Vec8<T> gamma8[PER_LANE], beta8[PER_LANE];  // loaded with the row, so no load waits after its reduction

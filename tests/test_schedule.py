@@ -123,14 +123,22 @@ def test_resident_weight_stages_hold_the_layer_gemms_and_keep_layernorm_9_a_stag
     assert blocks_per_sm(whole) == 1
 
 
-def test_resident_ffn2_leaves_its_k_splits_to_the_layernorm_after_it():
+def test_resident_output_gemm_and_ffn2_leave_their_k_splits_to_the_layernorm_after_them():
     from fusionsearch.schedule import resident_weight_stages
 
-    *_, ffn2, norm = resident_weight_stages(Segment(0, 14, True))
+    whole = resident_weight_stages(Segment(0, 14, True))
+    out, norm_9 = whole[2:4]
+    *_, ffn2, norm_14 = whole
+    assert (out.op, out.ops, out.fuse_next, out.splits_to_next) == (7, (7,), False, True)
+    assert (norm_9.op, norm_9.ops, norm_9.absorb_prev, norm_9.sums_splits) == (9, (8, 9), True, True)
     assert (ffn2.op, ffn2.ops, ffn2.fuse_next, ffn2.splits_to_next) == (12, (12,), False, True)
-    assert (norm.op, norm.ops, norm.absorb_prev, norm.sums_splits) == (14, (13, 14), True, True)
-    # Without LayerNorm 14 in the kernel the GEMM adds its splits itself and keeps its epilogue.
-    (alone,) = [s for s in resident_weight_stages(Segment(12, 13)) if s.op == 12]
-    assert alone.fuse_next and not alone.splits_to_next
+    assert (norm_14.op, norm_14.ops, norm_14.absorb_prev, norm_14.sums_splits) == (14, (13, 14), True, True)
+    # With the merge-heads prologue the GEMM keeps operator 6.
+    merged = resident_weight_stages(Segment(6, 9))
+    assert [(s.ops, s.splits_to_next, s.sums_splits) for s in merged] == [((6, 7), True, False), ((8, 9), False, True)]
+    # Without the LayerNorm in the kernel the GEMM adds its splits itself and keeps its epilogue.
+    for first, last in ((12, 13), (7, 8)):
+        (alone,) = [s for s in resident_weight_stages(Segment(first, last)) if s.op == first]
+        assert alone.fuse_next and not alone.splits_to_next
     # The tiled kernel of the same segment is unchanged.
     assert stages_of(Segment(0, 14, True))[-2].ops == (12, 13)
