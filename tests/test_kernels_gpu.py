@@ -93,9 +93,10 @@ def test_layernorm_passes_match_reference_where_chunks_deal_unevenly(dtype, head
     assert not failures, "\n".join(failures)
 
 
-# Widths the resident-weight kernels split differently from BERT-base: FFN2's K in one split at 192 wide (ffn 768),
-# still left to LayerNorm 14; an intermediate size of 1000, which FFN2 cannot split into 32-deep chunks, so the
-# segments holding FFN2 fall back to their tiled kernels. (96 wide splits as 192 does; test_codegen compiles it.)
+# Widths the resident-weight kernels split differently from BERT-base: at 192 wide (ffn 768) the output GEMM's K in
+# two splits and FFN2's in one, each still left to the LayerNorm after it; an intermediate size of 1000, which FFN2
+# cannot split into 32-deep chunks, so the segments holding FFN2 fall back to their tiled kernels. (96 wide, where
+# the output GEMM's K is one split too, is compiled by test_codegen.)
 @pytest.mark.parametrize("heads,head_size,ffn,ffn2_splits", [(3, 64, 768, True), (12, 64, 1000, False)])
 def test_resident_kernels_match_reference_where_widths_split_k_unevenly(heads, head_size, ffn, ffn2_splits):
     import torch
