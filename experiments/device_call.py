@@ -135,6 +135,18 @@ def probed_copy(dest: Path, variant: "Path | None" = None) -> Path:
     return tree
 
 
+def clear_output(out: Path) -> None:
+    """Start OUT empty: a machine may come with /tmp from an earlier call, whose files would otherwise be packed
+    with this call's as if it had written them. Only a folder an earlier call wrote (its steps.json) is removed."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "steps.json").is_file():
+            raise SystemExit(f"device_call: --out {out} holds files that no earlier call wrote (no steps.json); "
+                             "name a new or empty folder")
+        print(f"device_call: {out} held an earlier call's files; removed", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=float, required=True, help="seconds this call may run (the device's limit_s)")
@@ -167,7 +179,7 @@ def main() -> int:
     left = lambda: args.limit - (time.monotonic() - start)  # noqa: E731
     if args.wheels:
         install_wheels(args.wheels)
-    args.out.mkdir(parents=True, exist_ok=True)
+    clear_output(args.out)
     steps = (["ab"] if args.ab else []) + [s for s in args.steps if s != "ab"]
     estimates = dict(ESTIMATES, phase=ESTIMATES["phase"] + PHASE_VARIANT_S * len(args.phase_variants))
     log: list[dict] = []

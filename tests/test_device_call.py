@@ -48,6 +48,26 @@ def test_steps_that_do_not_fit_are_skipped_and_the_results_still_packed(tmp_path
         assert "call/steps.json" in packed.getnames()
 
 
+def test_an_earlier_calls_files_in_the_output_folder_are_not_packed_as_this_calls(tmp_path):
+    out, tar = tmp_path / "call", tmp_path / "call.tgz"
+    (out / "suite").mkdir(parents=True)
+    (out / "suite" / "gpu-tests-kernels.md").write_text("an earlier call's summary")
+    (out / "steps.json").write_text("[]\n")
+    command = [sys.executable, "experiments/device_call.py", "--limit", "30", "--out", str(out), "--tar", str(tar),
+               "--steps", "report"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "held an earlier call's files" in result.stdout
+    with tarfile.open(tar) as packed:
+        assert sorted(packed.getnames()) == ["call", "call/steps.json"]
+    # A folder that no call wrote is left alone.
+    (out / "steps.json").unlink()
+    (out / "notes.txt").write_text("keep me")
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no earlier call wrote" in refused.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
 def test_an_ab_without_a_kernel_to_decide_on_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "experiments/device_call.py", "--limit", "30", "--out", str(tmp_path),
                              "--ab", "experiments/patches/resident-slices-per-warp.patch"], cwd=ROOT,
