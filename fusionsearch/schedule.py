@@ -48,7 +48,6 @@ class Stage:
     rows_per_warp: int = 16  # attention: query rows per warp (32 needs a kernel of its own, one block per SM)
     warp_groups: int = 1  # attention: independent warp groups per block, each with its own item
     resident_weights: bool = False  # layer gemm: against the block's weight slice, loaded when the kernel starts
-    norm_on_load: bool = False  # resident ffn1 gemm: LayerNorm 9 applied to A's rows as they are loaded
     splits_to_next: bool = False  # resident out/ffn2 gemm: its K splits' sums left for the LayerNorm stage after it
     sums_splits: bool = False  # rowwise LayerNorm 9/14: adds the GEMM's K splits instead of reading its output
 
@@ -147,8 +146,7 @@ def resident_weight_stages(segment: Segment) -> "tuple[Stage, ...] | None":
     if not any(_holds_weights(stage) for stage in stages):
         return None
     # LayerNorm 9 keeps its own stage: every FFN1 block normalising all rows as it loads them cost more than the
-    # grid barrier it saved (experiments/NOTES.md); Stage.norm_on_load and the kernel's NormOnLoad path stay for a
-    # variant that hands FFN1 the row statistics instead.
+    # grid barrier it saved (experiments/NOTES.md).
     stages = [replace(stage, resident_weights=True) if _holds_weights(stage) else stage for stage in stages]
     # The output GEMM and FFN2 split K over four blocks a column (kernels/fs_gemm_resident.cuh); rather than have
     # the last of them add the four partial sums after an atomic round trip, and then apply the bias and residual,

@@ -81,14 +81,11 @@ __device__ __forceinline__ void gemm_dispatch(const GemmShape& g, const ALoader&
 
 // A layer GEMM (one with a weight matrix): against the block's resident weight slice where the segment kernel
 // holds one, else tiled.
-template <class T, class D, int OP, class Resident, bool NORM = false, bool SPLITS_TO_NEXT = false, class ALoader,
-          class Epi>
+template <class T, class D, int OP, class Resident, bool SPLITS_TO_NEXT = false, class ALoader, class Epi>
 __device__ __forceinline__ void layer_gemm(const GemmShape& g, const ALoader& A, const MatB<T>& B, const Epi& epi,
-                                           char* smem, const SplitK& sk, const NormOnLoad<T>& norm = {}) {
-  static_assert(!NORM || Resident::template holds<OP>(), "a LayerNorm on load needs resident weights");
+                                           char* smem, const SplitK& sk) {
   static_assert(!SPLITS_TO_NEXT || Resident::template holds<OP>(), "only a resident GEMM leaves its K splits");
-  if constexpr (Resident::template holds<OP>())
-    resident_gemm<T, D, OP, Resident, NORM, SPLITS_TO_NEXT>(g, A, epi, smem, sk, norm);
+  if constexpr (Resident::template holds<OP>()) resident_gemm<T, D, OP, Resident, SPLITS_TO_NEXT>(g, A, epi, smem, sk);
   else gemm_dispatch<T, D, OP>(g, A, B, epi, smem, sk);
 }
 
@@ -160,11 +157,10 @@ template <class T, int OP, int N, bool FUSE_NEXT> struct LinearEpilogue {
   }
 };
 
-// NORM_ON_LOAD (FFN1 with resident weights): A is attn_res, normalised by LayerNorm 9 as it is loaded.
 // SPLITS_TO_NEXT (the output GEMM or FFN2 with resident weights): the K splits' sums stay in the split-K scratch
 // for the LayerNorm after them (9 or 14), which adds them with the bias and residual.
 template <class T, class D, int OP, bool FUSE_NEXT, bool MERGE_PROLOGUE, class Resident = NoResidentWeights,
-          bool NORM_ON_LOAD = false, bool SPLITS_TO_NEXT = false>
+          bool SPLITS_TO_NEXT = false>
 __device__ void gemm_op(const LayerArgs& a, char* smem) {
   const GemmShape g = gemm_shape<T, D, OP>(a);
   const SplitK sk{a.splitk_partials, a.splitk_counters};
@@ -239,19 +235,13 @@ __device__ void gemm_op(const LayerArgs& a, char* smem) {
         static_cast<const T*>(OP == 7 ? a.x : a.attn_out),
         static_cast<T*>(OP == 7 ? a.attn_proj : OP == 10 ? a.ffn_pre : a.ffn_out),
         static_cast<T*>(OP == 7 ? a.attn_res : OP == 10 ? a.ffn_act : a.ffn_res)};
-    static_assert(!NORM_ON_LOAD || OP == 10, "only FFN1 takes LayerNorm 9 on load");
     static_assert(!SPLITS_TO_NEXT || (OP != 10 && !FUSE_NEXT), "a GEMM leaves its splits in place of its epilogue");
-    if constexpr (NORM_ON_LOAD) {
-      const NormOnLoad<T> norm{static_cast<const T*>(a.ln1_w), static_cast<const T*>(a.ln1_b), static_cast<T*>(a.attn_out),
-                               a.eps};
-      layer_gemm<T, D, OP, Resident, true>(g, RowMajorA<T>{static_cast<const T*>(a.attn_res), K, 0}, B, epilogue, smem, sk,
-                                           norm);
-    } else if constexpr (OP == 7 && MERGE_PROLOGUE) {
-      layer_gemm<T, D, OP, Resident, false, SPLITS_TO_NEXT>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S},
-                                                             B, epilogue, smem, sk);
+    if constexpr (OP == 7 && MERGE_PROLOGUE) {
+      layer_gemm<T, D, OP, Resident, SPLITS_TO_NEXT>(g, HeadsAsRowsA<T, D>{static_cast<const T*>(a.ctx_heads), S}, B,
+                                                     epilogue, smem, sk);
     } else {
       const T* src = static_cast<const T*>(OP == 7 ? a.ctx : OP == 10 ? a.attn_out : a.ffn_act);
-      layer_gemm<T, D, OP, Resident, false, SPLITS_TO_NEXT>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
+      layer_gemm<T, D, OP, Resident, SPLITS_TO_NEXT>(g, RowMajorA<T>{src, K, 0}, B, epilogue, smem, sk);
     }
   }
 }

@@ -41,18 +41,7 @@ constexpr int resident_splits(int op, int k) {
 constexpr int kResidentMaxN8 = 4;         // 8-column groups of one GEMM a block may hold (the launch checks)
 constexpr int kResidentRowGroup = 32;     // rows per pass: two m16 tiles per warp
 constexpr int kResidentScratchStride = kResidentMaxN8 * 8 + 8;  // floats per row of a warp's sums (+8: banks)
-constexpr int kResidentSumsFloats = kWarps * kResidentRowGroup * kResidentScratchStride;
-constexpr int kResidentStatsFloats = kWarps * kResidentRowGroup;  // per-warp row sums of a LayerNorm on load
-constexpr int kResidentScratchBytes = (kResidentSumsFloats + 2 * kResidentStatsFloats) * 4;
-
-// A LayerNorm over A's rows, applied as the GEMM loads them (the block holds whole rows when K is not split);
-// the normalised rows are also stored, by the block holding the first column partition.
-template <class T> struct NormOnLoad {
-  const T* gamma;
-  const T* beta;
-  T* out;
-  float eps;
-};
+constexpr int kResidentScratchBytes = kWarps * kResidentRowGroup * kResidentScratchStride * 4;
 
 // The [N, K] weight (nn.Linear layout) of layer GEMM OP, as resident slices.
 template <class D, int OP> struct ResidentGemm {
@@ -274,128 +263,6 @@ template <class T, class D, int SCRATCH, int... OPS> struct ResidentWeights {
   }
 };
 
-// Chunks of A's rows that warp `warp` loads in a resident GEMM: CHUNKS dealt over the warps.
-template <class G> __host__ __device__ constexpr int chunks_of_warp(int warp) {
-  int chunks = 0;
-  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) chunks += warp + i * kWarps < G::CHUNKS;
-  return chunks;
-}
-// Whether chunk i of warp `warp` lies inside the row: always where the chunks deal evenly (every BERT width), which
-// the compiler then knows and drops the masks.
-template <class G> __device__ __forceinline__ bool chunk_in_row(int warp, int i) {
-  return G::CHUNKS % kWarps == 0 || warp + i * kWarps < G::CHUNKS;
-}
-
-// LayerNorm of the 32 rows whose chunks this block's warps loaded, and the normalised values replace the loaded
-// ones. Each thread sums its values of a row and their squared deviations from its own mean; these pool over the
-// four lanes of a row and then over the warps in shared memory with the parallel-variance rule (M2 = Σ M2_g +
-// n_g·(mean_g − mean)²), so the row needs one block barrier, not a pass for the mean and another for the squares.
-template <class T, class G>
-__device__ __forceinline__ void norm_on_load(uint4 (&a_lo)[G::CHUNKS_PER_WARP][2], uint4 (&a_hi)[G::CHUNKS_PER_WARP][2],
-                                             const NormOnLoad<T>& norm, float* stats, int k0, int m0, int M,
-                                             bool store) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-  float x[G::CHUNKS_PER_WARP][2][2][8];  // [chunk][m tile][row +0 / +8][element]; 0 past the row's end
-  uint4 gamma[G::CHUNKS_PER_WARP], beta[G::CHUNKS_PER_WARP];
-#pragma unroll
-  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
-    const int chunk = warp + i * kWarps, k = k0 + chunk * 32 + t * 8;
-    const bool in_k = chunk_in_row<G>(warp, i);
-    gamma[i] = in_k ? __ldg(reinterpret_cast<const uint4*>(norm.gamma + k)) : make_uint4(0, 0, 0, 0);
-    beta[i] = in_k ? __ldg(reinterpret_cast<const uint4*>(norm.beta + k)) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      const Vec8<T> lo = *reinterpret_cast<const Vec8<T>*>(&a_lo[i][mi]);
-      const Vec8<T> hi = *reinterpret_cast<const Vec8<T>*>(&a_hi[i][mi]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        x[i][mi][0][e] = to_f(lo.v[e]);
-        x[i][mi][1][e] = to_f(hi.v[e]);
-      }
-    }
-  }
-  // Values of a row each lane of this warp holds, and their reciprocal (0 for a warp with none); a constant where
-  // the chunks deal evenly, as at every BERT width.
-  const float n_thread = 8.f * chunks_of_warp<G>(warp);
-  const float per_value = G::CHUNKS % kWarps == 0 ? 1.f / (8 * G::CHUNKS_PER_WARP)
-                                                  : (n_thread > 0.f ? __frcp_rn(n_thread) : 0.f);
-  float* sum_table = stats;
-  float* m2_table = stats + kResidentStatsFloats;
-  float thread_mean[2][2];
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < G::CHUNKS_PER_WARP; ++i)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sum += x[i][mi][h][e];
-      const float mean = sum * per_value;
-      float m2 = 0.f;
-#pragma unroll
-      for (int i = 0; i < G::CHUNKS_PER_WARP; ++i)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          x[i][mi][h][e] -= mean;  // kept as deviations: the normalisation below starts from them
-          if (chunk_in_row<G>(warp, i)) m2 += x[i][mi][h][e] * x[i][mi][h][e];
-        }
-      float warp_sum = sum;  // the four lanes of a row hold equally many values
-      warp_sum += __shfl_xor_sync(0xffffffffu, warp_sum, 1);
-      warp_sum += __shfl_xor_sync(0xffffffffu, warp_sum, 2);
-      const float spread = mean - warp_sum * (0.25f * per_value);
-      m2 += n_thread * spread * spread;
-      thread_mean[mi][h] = mean;
-      m2 += __shfl_xor_sync(0xffffffffu, m2, 1);
-      m2 += __shfl_xor_sync(0xffffffffu, m2, 2);
-      if (t == 0) {
-        sum_table[warp * kResidentRowGroup + mi * 16 + h * 8 + gq] = warp_sum;
-        m2_table[warp * kResidentRowGroup + mi * 16 + h * 8 + gq] = m2;
-      }
-    }
-  __syncthreads();
-  float shift[2][2], rstd[2][2];  // normalised = deviation·rstd + shift, shift = (thread's mean − mean)·rstd
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = mi * 16 + h * 8 + gq;
-      float total = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += sum_table[w * kResidentRowGroup + row];
-      const float mean = total * (1.f / G::K);
-      float m2 = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const int n_warp = 32 * chunks_of_warp<G>(w);
-        if (n_warp == 0) continue;
-        const float spread = sum_table[w * kResidentRowGroup + row] * (1.f / n_warp) - mean;
-        m2 += m2_table[w * kResidentRowGroup + row] + n_warp * spread * spread;
-      }
-      rstd[mi][h] = rsqrtf(m2 * (1.f / G::K) + norm.eps);
-      shift[mi][h] = (thread_mean[mi][h] - mean) * rstd[mi][h];
-    }
-#pragma unroll
-  for (int i = 0; i < G::CHUNKS_PER_WARP; ++i) {
-    const int chunk = warp + i * kWarps, k = k0 + chunk * 32 + t * 8;
-    const Vec8<T> ga = *reinterpret_cast<const Vec8<T>*>(&gamma[i]);
-    const Vec8<T> be = *reinterpret_cast<const Vec8<T>*>(&beta[i]);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        Vec8<T> o;
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          o.v[e] = from_f<T>(fmaf(fmaf(x[i][mi][h][e], rstd[mi][h], shift[mi][h]), to_f(ga.v[e]), to_f(be.v[e])));
-        uint4& packed = h == 0 ? a_lo[i][mi] : a_hi[i][mi];
-        packed = *reinterpret_cast<const uint4*>(&o);
-        const int row = m0 + mi * 16 + h * 8 + gq;
-        if (store && chunk_in_row<G>(warp, i) && row < M) *reinterpret_cast<uint4*>(norm.out + static_cast<long long>(row) * G::K + k) = packed;
-      }
-  }
-}
-
 // An epilogue that reads operands of its own (bias, residual) may split into `operands(row, col)` and
 // `store(row, col, operands, v0, v1)`: a resident GEMM then reads them before its MMAs, so their round trip to L2
 // overlaps the MMAs instead of following the warps' sums. Plain epilogues (a callable) read them when called.
@@ -428,11 +295,8 @@ __device__ __forceinline__ void finish(const Epi& epi, int row, int col, const t
 // Each lane loads 16 bytes of A per row and 32-deep chunk and feeds them to two m16n8k16 MMAs as if they were k
 // {2t, 2t+1, 2t+8, 2t+9} of two k16 steps; the weight fragment is read from the same 16 bytes of its row, so A
 // and W agree on the permuted k and the product is unchanged. A then needs no shared memory and no ldmatrix.
-template <class T, class D, int OP, class Resident, bool NORM = false, bool SPLITS_TO_NEXT = false, class ALoader,
-          class Epi>
-__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk,
-                              const NormOnLoad<T>& norm = {}) {
-  static_assert(!NORM || ResidentGemm<D, OP>::SPLITS == 1, "a LayerNorm on load needs whole rows of A");
+template <class T, class D, int OP, class Resident, bool SPLITS_TO_NEXT = false, class ALoader, class Epi>
+__device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& epi, char* smem, const SplitK& sk) {
   using G = ResidentGemm<D, OP>;
   const ResidentSlice s = Resident::template held<OP>(smem);
   if (s.part < 0) return;
@@ -473,7 +337,6 @@ __device__ void resident_gemm(const GemmShape& g, const ALoader& A, const Epi& e
         if (threadIdx.x + i * kThreads < pairs && m0 + r < g.M) early[i] = early_operands(epi, m0 + r, s.n0 + c);
       }
     }
-    if constexpr (NORM) norm_on_load<T, G>(a_lo, a_hi, norm, sums + kResidentSumsFloats, k0, m0, g.M, s.part == 0);
     // The first GEMM's block starts the later GEMMs' copies while its loads of A are in flight (see start).
     if constexpr (Resident::template slot<OP>() == 0)
       if (m0 == 0 && lane == 0) Resident::issue_later(smem);

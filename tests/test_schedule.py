@@ -114,11 +114,11 @@ def test_resident_weight_stages_hold_the_layer_gemms_and_keep_layernorm_9_a_stag
     whole = resident_weight_stages(Segment(0, 14, True))
     assert resident_weight_ops(whole) == (0, 7, 10, 12)
     ffn1 = next(stage for stage in whole if stage.op == 10)
-    assert not ffn1.norm_on_load and ffn1.ops == (10, 11)
+    assert ffn1.ops == (10, 11) and ffn1.resident_weights
     assert len(whole) == len(stages_of(Segment(0, 14, True)))
     # LayerNorm 9 that absorbs the bias + residual before it keeps its own stage; no layer GEMM, no kernel.
     absorbing = resident_weight_stages(Segment(8, 12))
-    assert not any(stage.norm_on_load for stage in absorbing) and resident_weight_ops(absorbing) == (10, 12)
+    assert absorbing[0].kind == "rowwise" and resident_weight_ops(absorbing) == (10, 12)
     assert resident_weight_stages(Segment(1, 6, True)) is None
     assert blocks_per_sm(whole) == 1
 
